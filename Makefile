@@ -1,0 +1,48 @@
+# selfrank: two commands on a fresh machine.
+#   make demo  - set up .venv and run the whole STR pipeline on the offline embedded task (CPU, minutes)
+#   make test  - set up .venv and run every test
+# Both are idempotent: the set-up is redone only when pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.selfrank-installed
+NLTK_DATA_DIR := $(CURDIR)/.cache/nltk_data
+WORDNET := $(NLTK_DATA_DIR)/corpora/wordnet/lexnames
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export WANDB_MODE ?= offline
+export NLTK_DATA := $(NLTK_DATA_DIR)
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP) $(WORDNET)
+
+# torch goes in first from its CPU wheel; constraints.txt keeps every later install on it.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[deepspeed,test,bench]'
+	touch $@
+
+$(WORDNET): launch/setup_wordnet.py | $(STAMP)
+	$(PY) -m launch.setup_wordnet $(NLTK_DATA_DIR)
+
+demo: setup
+	$(VENV)/bin/selfrank run configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache

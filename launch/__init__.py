@@ -1,0 +1,1 @@
+"""The front door: command line, config loading, accelerate/DeepSpeed wiring, SLURM, tracking."""

@@ -1,0 +1,107 @@
+"""`selfrank` command line. User mistakes (``UserError``) print one line and exit with code 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ranking.errors import UserError
+
+STAGE_COMMANDS = ("sft", "sample", "reward", "ppo", "eval")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfrank", description="PPO fine-tuning without human rankers (STR).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    rank = sub.add_parser("rank", help="rank groups of sampled answers (JSONL in, JSONL out)")
+    rank.add_argument("--input", required=True, help="JSONL: {\"id\"?, \"prompt\", \"responses\": [...]} per line")
+    rank.add_argument("--output", required=True, help="JSONL with scores, order, clusters, representatives, pairs")
+    rank.add_argument("--workers", type=int, default=1, help="CPU ranking worker processes (default 1)")
+    rank.add_argument("--embedder", default=None, help="sentence-transformers name/folder, or 'lexical'")
+    rank.add_argument("--config", default=None, help="YAML with ranking settings (top level or under 'ranking:')")
+    rank.add_argument("--noise", action="store_true", help="perturb pair losers (the paper's '+ noise' variant)")
+
+    def stage_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="experiment YAML (see configs/)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. --set ppo.steps=10 (repeatable)")
+        p.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
+        p.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+
+    for name in STAGE_COMMANDS:
+        stage_args(sub.add_parser(name, help=f"run the {name} stage alone"))
+    stage_args(sub.add_parser("run", help="run every stage, skipping the complete ones"))
+
+    slurm = sub.add_parser("slurm", help="render (and submit) an sbatch script for a config")
+    slurm.add_argument("config")
+    slurm.add_argument("--nodes", type=int, default=1)
+    slurm.add_argument("--gpus-per-node", type=int, default=1)
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--time", default=None, help="wall time, e.g. 24:00:00")
+    slurm.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config to wire in")
+    slurm.add_argument("--stage", default="run", help="stage to run (default: the whole pipeline)")
+    slurm.add_argument("--output", default=None, help="where to write the script (default: runs/<name>/job.sbatch)")
+    slurm.add_argument("--submit", action="store_true", help="submit with sbatch after writing")
+    slurm.add_argument("--cpu", action="store_true", help="CPU-only job (gloo), e.g. for testing")
+    return parser
+
+
+def _cmd_rank(args) -> int:
+    from ranking.config import RankingConfig
+    from ranking.files import rank_file
+    from launch.config import build, load_yaml
+
+    data = {}
+    if args.config:
+        data = load_yaml(args.config)
+        data = data.get("ranking", data)
+    config = build(RankingConfig, data, "ranking")
+    if args.embedder:
+        config.embedder.name = args.embedder
+    if args.noise:
+        config.noise.enabled = True
+    if args.workers < 1:
+        raise UserError(f"--workers: must be >= 1, got {args.workers}")
+    rank_file(args.input, args.output, config, workers=args.workers)
+    return 0
+
+
+def _cmd_stage(args) -> int:
+    from launch.config import load_experiment
+    from train.pipeline import run_pipeline
+
+    config = load_experiment(args.config, args.overrides)
+    stages = None if args.command == "run" else [args.command]
+    run_pipeline(config, stages=stages, resume=args.resume, force=args.force)
+    return 0
+
+
+def _cmd_slurm(args) -> int:
+    from launch.slurm import slurm_command
+
+    return slurm_command(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    handler = {"rank": _cmd_rank, "slurm": _cmd_slurm}.get(args.command, _cmd_stage)
+    try:
+        return handler(args)
+    except UserError as exc:
+        print(f"selfrank: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selfrank: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

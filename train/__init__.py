@@ -1,0 +1,1 @@
+"""The pipeline stages (SFT, sample + rank, reward model, PPO, evaluation) and the RL maths."""

@@ -1,0 +1,286 @@
+"""Typed settings of one experiment (one YAML file). Defaults live here; a YAML says what differs.
+
+Values the paper gives are marked "paper"; every other choice is ours and explained beside it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ranking.config import RankingConfig
+from ranking.errors import UserError
+from ranking.validate import check_choice, check_range
+
+TASK_KINDS = ("synthetic", "qa", "dialogue")
+SFT_METHODS = ("full", "lora", "bitfit", "adapter", "none")
+STAGES = ("sft", "sample", "reward", "ppo", "eval")
+
+
+@dataclass
+class SyntheticTaskConfig:
+    """The offline embedded task (see train/synthetic.py): short, checkable answers, so that the
+    agreement among samples correlates with correctness and the STR signal is real."""
+    n_train: int = 2000
+    n_validation: int = 200
+    n_test: int = 300
+    seed: int = 1234
+
+    def __post_init__(self):
+        for name in ("n_train", "n_validation", "n_test"):
+            check_range(f"task.synthetic.{name}", getattr(self, name), 1)
+
+
+@dataclass
+class PromptFormat:
+    # The authors' notebook markers.
+    context: str = "<c>"
+    question: str = "<q>"
+    answer: str = "<a>"
+    # Dialogue: how many of the last context turns to keep (0 = all).
+    max_context_turns: int = 3
+    turn_separator: str = " "
+
+    def __post_init__(self):
+        check_range("task.prompt.max_context_turns", self.max_context_turns, 0)
+
+
+@dataclass
+class TaskConfig:
+    kind: str = "synthetic"
+    # Local .json/.jsonl files or a hub dataset name (e.g. "squad_v2", "daily_dialog").
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    hub_config: str | None = None
+    max_train: int | None = None
+    max_validation: int | None = None
+    max_test: int | None = None
+    # SQuAD v2 unanswerable questions are trained and scored against this string.
+    unanswerable_target: str = "unanswerable"
+    prompt: PromptFormat = field(default_factory=PromptFormat)
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+
+    def __post_init__(self):
+        check_choice("task.kind", self.kind, TASK_KINDS)
+        if self.kind != "synthetic" and not self.train:
+            raise UserError(f"task.train: required for task.kind {self.kind!r}")
+        for name in ("max_train", "max_validation", "max_test"):
+            if getattr(self, name) is not None:
+                check_range(f"task.{name}", getattr(self, name), 1)
+
+
+@dataclass
+class TinyModelConfig:
+    """A small GPT-2-shaped model built from a config, with a byte-level BPE tokenizer trained on the
+    task's training text (the offline default: no weights can be fetched)."""
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_positions: int = 256
+    vocab_size: int = 2000
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_embd", "n_head", "n_positions"):
+            check_range(f"model.tiny.{name}", getattr(self, name), 1)
+        check_range("model.tiny.vocab_size", self.vocab_size, 300)
+        if self.n_embd % self.n_head:
+            raise UserError(f"model.tiny.n_embd: must be divisible by n_head ({self.n_head}), got {self.n_embd}")
+
+
+@dataclass
+class ModelConfig:
+    # "tiny", a hub name ("gpt2", "EleutherAI/gpt-neo-125m") or a local save_pretrained folder.
+    name: str = "tiny"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+    revision: str | None = None
+
+    def __post_init__(self):
+        check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise UserError("model.name: must be a non-empty string")
+
+
+@dataclass
+class SFTConfig:
+    method: str = "full"
+    lr: float = 1e-4  # paper
+    batch_size: int = 32  # paper (effective)
+    grad_accum: int = 1
+    epochs: float = 1.0  # paper
+    max_steps: int | None = None
+    block_size: int = 128  # paper
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    adapter_size: int = 64
+    # Extra methods trained as baselines next to the main one (rows of the report).
+    baselines: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        check_choice("sft.method", self.method, SFT_METHODS)
+        for b in self.baselines:
+            check_choice("sft.baselines[]", b, SFT_METHODS)
+        check_range("sft.lr", self.lr, 0.0, low_open=True)
+        check_range("sft.batch_size", self.batch_size, 1)
+        check_range("sft.grad_accum", self.grad_accum, 1)
+        check_range("sft.epochs", self.epochs, 0.0, low_open=True)
+        if self.max_steps is not None:
+            check_range("sft.max_steps", self.max_steps, 1)
+        check_range("sft.block_size", self.block_size, 8)
+        check_range("sft.weight_decay", self.weight_decay, 0.0)
+        check_range("sft.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_range("sft.lora_r", self.lora_r, 1)
+        check_range("sft.adapter_size", self.adapter_size, 1)
+
+
+@dataclass
+class SampleConfig:
+    k: int = 8  # samples per prompt (paper: not given; its human study used 4)
+    temperature: float = 0.8  # paper
+    top_p: float = 0.95  # paper
+    max_new_tokens: int = 64  # paper: < 100
+    max_prompts: int | None = None
+    batch_size: int = 16  # prompts per generate() call
+    workers: int = 1  # CPU ranking workers
+    # Rank through the async pool while generation continues; False ranks each batch inline.
+    async_ranking: bool = True
+
+    def __post_init__(self):
+        check_range("sample.k", self.k, 2)
+        check_range("sample.temperature", self.temperature, 0.0, low_open=True)
+        check_range("sample.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        check_range("sample.max_new_tokens", self.max_new_tokens, 1, 99)
+        check_range("sample.batch_size", self.batch_size, 1)
+        check_range("sample.workers", self.workers, 1)
+        if self.max_prompts is not None:
+            check_range("sample.max_prompts", self.max_prompts, 1)
+
+
+@dataclass
+class RewardConfig:
+    # "pairwise": -log sigmoid(r_w - r_l) (paper); "listwise": Plackett-Luce over the ranked list.
+    loss: str = "pairwise"
+    # "sft": the SFT model's weights as backbone; or a model name/folder.
+    backbone: str = "sft"
+    lr: float = 3e-5  # paper
+    batch_size: int = 16  # paper
+    epochs: float = 1.0
+    max_steps: int | None = None
+    max_length: int = 256  # paper
+    heldout_fraction: float = 0.1  # of prompts, never seen in training
+    normalize: bool = True  # gain/bias so SFT samples score mean 0, std 1
+
+    def __post_init__(self):
+        check_choice("reward.loss", self.loss, ("pairwise", "listwise"))
+        check_range("reward.lr", self.lr, 0.0, low_open=True)
+        check_range("reward.batch_size", self.batch_size, 1)
+        check_range("reward.epochs", self.epochs, 0.0, low_open=True)
+        check_range("reward.max_length", self.max_length, 8)
+        check_range("reward.heldout_fraction", self.heldout_fraction, 0.0, 0.9)
+        if self.max_steps is not None:
+            check_range("reward.max_steps", self.max_steps, 1)
+
+
+@dataclass
+class PPOConfig:
+    steps: int = 100  # PPO iterations (each: one rollout batch + update epochs)
+    batch_size: int = 16  # prompts per rollout (paper: 16)
+    samples_per_prompt: int = 1
+    lr: float = 3e-5  # paper (actor)
+    critic_lr: float = 3e-5
+    ppo_epochs: int = 4
+    minibatches: int = 2
+    clip_range: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.5  # paper's beta
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = -1.0
+    temperature: float = 0.8  # sampling temperature; log-probs are recomputed with it
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    max_grad_norm: float = 1.0
+    # Beyond the paper: refresh the RM from ranked rollouts every N steps (0 = off).
+    online_rm_every: int = 0
+    online_rm_max_staleness: int = 2
+    nan_policy: str = "skip"  # "skip" the step, or "stop" with a checkpoint
+    save_every: int = 25
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "samples_per_prompt", "ppo_epochs", "minibatches", "max_new_tokens",
+                     "save_every"):
+            check_range(f"ppo.{name}", getattr(self, name), 1)
+        for name in ("lr", "critic_lr"):
+            check_range(f"ppo.{name}", getattr(self, name), 0.0, low_open=True)
+        check_range("ppo.clip_range", self.clip_range, 0.0, low_open=True)
+        check_range("ppo.value_clip", self.value_clip, 0.0, low_open=True)
+        check_range("ppo.kl_coef", self.kl_coef, 0.0)
+        check_range("ppo.gamma", self.gamma, 0.0, 1.0)
+        check_range("ppo.lam", self.lam, 0.0, 1.0)
+        check_range("ppo.temperature", self.temperature, 0.0, low_open=True)
+        check_range("ppo.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        check_range("ppo.online_rm_every", self.online_rm_every, 0)
+        check_choice("ppo.nan_policy", self.nan_policy, ("skip", "stop"))
+        if (self.batch_size * self.samples_per_prompt) % self.minibatches:
+            raise UserError("ppo.minibatches: must divide batch_size * samples_per_prompt")
+
+
+@dataclass
+class EvalConfig:
+    max_examples: int | None = 300
+    max_new_tokens: int = 32
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    # Ranking agreement study: groups of this many answers.
+    agreement_group_size: int = 4
+    agreement_groups: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_examples is not None:
+            check_range("eval.max_examples", self.max_examples, 1)
+        check_range("eval.bootstrap", self.bootstrap, 10)
+        check_range("eval.confidence", self.confidence, 0.5, 1.0, high_open=True)
+        check_range("eval.agreement_group_size", self.agreement_group_size, 2, 8)
+        check_range("eval.agreement_groups", self.agreement_groups, 0)
+
+
+@dataclass
+class TrackingConfig:
+    # "offline" (default, syncable later), "online" (needs WANDB_API_KEY in the environment), "disabled".
+    wandb: str = "disabled"
+    project: str = "selfrank"
+    entity: str | None = None
+
+    def __post_init__(self):
+        check_choice("tracking.wandb", self.wandb, ("offline", "online", "disabled"))
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "demo"
+    seed: int = 0
+    output_dir: str = "runs"
+    torch_threads: int | None = None
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        import re
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name):
+            raise UserError(f"name: letters, digits, '.', '_' and '-' only (it names the run folder); got {self.name!r}")
