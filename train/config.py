@@ -237,6 +237,11 @@ class PPOConfig:
 class EvalConfig:
     max_examples: int | None = 300
     max_new_tokens: int = 32
+    # Decoding for the scored answers: the paper's sampling settings by default (seeded), or greedy.
+    do_sample: bool = True
+    temperature: float = 0.8
+    top_p: float = 0.95
+    batch_size: int = 32
     bootstrap: int = 1000
     confidence: float = 0.95
     # Ranking agreement study: groups of this many answers.
@@ -248,6 +253,9 @@ class EvalConfig:
         if self.max_examples is not None:
             check_range("eval.max_examples", self.max_examples, 1)
         check_range("eval.bootstrap", self.bootstrap, 10)
+        check_range("eval.temperature", self.temperature, 0.0, low_open=True)
+        check_range("eval.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        check_range("eval.batch_size", self.batch_size, 1)
         check_range("eval.confidence", self.confidence, 0.5, 1.0, high_open=True)
         check_range("eval.agreement_group_size", self.agreement_group_size, 2, 8)
         check_range("eval.agreement_groups", self.agreement_groups, 0)
