@@ -13,6 +13,10 @@ from ranking.validate import check_choice, check_range
 TASK_KINDS = ("synthetic", "qa", "dialogue")
 SFT_METHODS = ("full", "lora", "bitfit", "adapter", "none")
 STAGES = ("sft", "sample", "reward", "ppo", "eval")
+# STR variants trained side by side from one sample stage (each gets reward/<v>/ and ppo/<v>/):
+# "str" pairwise RM; "str_noise" pairwise RM with perturbed losers (paper's "+ noise");
+# "str_listwise" Plackett-Luce RM over the whole ranked list; "str_online" RM refreshed from ranked rollouts.
+VARIANTS = ("str", "str_noise", "str_listwise", "str_online")
 
 
 @dataclass
@@ -287,8 +291,13 @@ class ExperimentConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    variants: list[str] = field(default_factory=lambda: ["str", "str_noise"])
 
     def __post_init__(self):
         import re
+        if not self.variants:
+            raise UserError("variants: name at least one of " + ", ".join(VARIANTS))
+        for v in self.variants:
+            check_choice("variants[]", v, VARIANTS)
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name):
             raise UserError(f"name: letters, digits, '.', '_' and '-' only (it names the run folder); got {self.name!r}")
