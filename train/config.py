@@ -176,9 +176,11 @@ class RewardConfig:
     max_length: int = 256  # paper
     heldout_fraction: float = 0.1  # of prompts, never seen in training
     normalize: bool = True  # gain/bias so SFT samples score mean 0, std 1
+    save_every: int = 100  # steps between resumable checkpoints
 
     def __post_init__(self):
         check_choice("reward.loss", self.loss, ("pairwise", "listwise"))
+        check_range("reward.save_every", self.save_every, 1)
         check_range("reward.lr", self.lr, 0.0, low_open=True)
         check_range("reward.batch_size", self.batch_size, 1)
         check_range("reward.epochs", self.epochs, 0.0, low_open=True)
@@ -299,5 +301,8 @@ class ExperimentConfig:
             raise UserError("variants: name at least one of " + ", ".join(VARIANTS))
         for v in self.variants:
             check_choice("variants[]", v, VARIANTS)
+        interval = self.ranking.pairs.interval
+        if interval is not None and interval >= self.sample.k:
+            raise UserError(f"ranking.pairs.interval: IL must be < sample.k ({self.sample.k}), got {interval}")
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name):
             raise UserError(f"name: letters, digits, '.', '_' and '-' only (it names the run folder); got {self.name!r}")

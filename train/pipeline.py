@@ -16,6 +16,7 @@ from typing import Callable
 import yaml
 
 from ranking.atomic import write_text
+from ranking.errors import UserError
 
 from .config import STAGES, ExperimentConfig
 from .rundir import RunDir
@@ -140,12 +141,28 @@ STAGE_FUNCS: dict[str, Callable[[ExperimentConfig, RunDir, bool], dict]] = {
 }
 
 
+# What each stage reads from earlier ones.
+PREREQUISITES = {"sft": (), "sample": ("sft",), "reward": ("sft", "sample"), "ppo": ("sft", "reward"), "eval": ("sft",)}
+
+
+def check_order(config: ExperimentConfig, stages: list[str]) -> None:
+    """Refuse, before anything is written, a stage whose inputs neither exist nor are scheduled."""
+    root = RunDir(Path(config.output_dir) / config.name)
+    for stage in stages:
+        for needed in PREREQUISITES[stage]:
+            if needed not in stages and not root.is_done(needed):
+                raise UserError(f"stage '{stage}' needs stage '{needed}' first: run 'selfrank {needed} CONFIG' "
+                                f"(or 'selfrank run CONFIG'); nothing found in {root.root}")
+
+
 def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, resume: bool = False,
                  force: bool = False) -> dict:
+    stages = list(stages or STAGES)
+    check_order(config, stages)
     run = RunDir.for_config(config)
     write_text(run.root / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     summaries = {}
-    for stage in stages or STAGES:
+    for stage in stages:
         if run.is_done(stage) and not force:
             log.info("%s: complete, skipped (use --force to redo)", stage)
             summaries[stage] = run.summary(stage)
@@ -161,6 +178,6 @@ def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, r
         summaries[stage] = summary
         log.info("%s: done in %.1fs", stage, summary["stage_seconds"])
     report = run.root / "eval" / "report.md"
-    if "eval" in (stages or STAGES) and report.is_file():
+    if "eval" in stages and report.is_file():
         print(report.read_text(encoding="utf-8"))
     return summaries
