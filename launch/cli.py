@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         stage_args(sub.add_parser(name, help=f"run the {name} stage alone"))
     stage_args(sub.add_parser("run", help="run every stage, skipping the complete ones"))
 
+    experiment = sub.add_parser("experiment", help="run a grid of tasks x seeds and write one results table")
+    experiment.add_argument("grid", help="grid YAML (see configs/grid_*.yaml)")
+
     slurm = sub.add_parser("slurm", help="render (and submit) an sbatch script for a config")
     slurm.add_argument("config")
     slurm.add_argument("--nodes", type=int, default=1)
@@ -79,6 +82,13 @@ def _cmd_stage(args) -> int:
     return 0
 
 
+def _cmd_experiment(args) -> int:
+    from launch.experiment import load_grid, run_grid
+
+    run_grid(load_grid(args.grid))
+    return 0
+
+
 def _cmd_slurm(args) -> int:
     from launch.slurm import slurm_command
 
@@ -92,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    handler = {"rank": _cmd_rank, "slurm": _cmd_slurm}.get(args.command, _cmd_stage)
+    handler = {"rank": _cmd_rank, "slurm": _cmd_slurm, "experiment": _cmd_experiment}.get(args.command, _cmd_stage)
     try:
         return handler(args)
     except UserError as exc:

@@ -1,0 +1,267 @@
+"""`selfrank experiment GRID.yaml`: tasks x seeds, every method of each run, one results table.
+
+Each (task, seed) is one ordinary pipeline run (`runs/<grid>/<task>-s<seed>/`), whose eval stage already
+scores every row (original, SFT, baselines, STR variants) on the same test examples. Completed stages are
+reused, so rerunning the grid only does what is missing. The grid then pools the per-example scores over
+seeds, bootstraps a CI per cell, prints the paper's layout (mean and 95% CI per cell, best per column
+bold), the ranking-agreement study, and a cost ledger, and writes `results.md`, `results.json`,
+`results.png` and (optionally) `docs/RESULTS.md`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ranking.atomic import write_json, write_text
+from ranking.errors import UserError
+from ranking.jsonl import read_jsonl
+from ranking.validate import check_range
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnnotationCost:
+    # What the same comparisons would cost from crowd annotators (the paper's point).
+    price_per_comparison: float = 0.10
+    annotators_per_comparison: int = 3  # the paper's human check used 3 annotators
+    currency: str = "USD"
+
+    def __post_init__(self):
+        check_range("annotation.price_per_comparison", self.price_per_comparison, 0.0)
+        check_range("annotation.annotators_per_comparison", self.annotators_per_comparison, 1)
+
+
+@dataclass
+class GridConfig:
+    name: str = "grid"
+    tasks: list[str] = field(default_factory=list)  # experiment YAMLs
+    seeds: list[int] = field(default_factory=lambda: [0])
+    overrides: list[str] = field(default_factory=list)  # KEY=VALUE applied to every run
+    output_dir: str = "runs"
+    results_doc: str | None = None  # e.g. docs/RESULTS.md
+    command: str = ""  # the command that regenerates this grid, quoted in the results document
+    annotation: AnnotationCost = field(default_factory=AnnotationCost)
+    bootstrap: int = 1000
+    confidence: float = 0.95
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise UserError("tasks: name at least one experiment YAML")
+        if not self.seeds:
+            raise UserError("seeds: name at least one seed")
+        check_range("bootstrap", self.bootstrap, 10)
+        check_range("confidence", self.confidence, 0.5, 1.0, high_open=True)
+
+
+def _per_example(eval_dir: Path, row: str, metric: str) -> np.ndarray:
+    return np.array([r[metric] for _, r in read_jsonl(eval_dir / f"generations_{row}.jsonl")], dtype=np.float64)
+
+
+def pool_task(run_dirs: list[Path], grid: GridConfig) -> dict:
+    """One task's rows pooled over seeds: per cell the mean over seeds x examples and its bootstrap CI,
+    plus each row's paired difference to SFT (examples resampled, seeds averaged per example)."""
+    from train.metrics import bootstrap_ci, paired_bootstrap_diff
+
+    reports = [json.loads((d / "eval" / "report.json").read_text()) for d in run_dirs]
+    first = reports[0]
+    rows = [name for name in first["rows"] if all(name in r["rows"] for r in reports)]
+    metrics = first["metrics"]
+    per_row: dict[str, dict[str, np.ndarray]] = {}
+    for row in rows:
+        # (seeds, examples) -> mean over seeds per example, so that examples stay the resampling unit.
+        per_row[row] = {m: np.mean([_per_example(d / "eval", row, m) for d in run_dirs], axis=0) for m in metrics}
+    pooled = {"task_kind": first["task_kind"], "confidence": grid.confidence, "n_examples": first["n_examples"],
+              "seeds": len(run_dirs), "metrics": metrics, "rows": {}, "paired_vs_sft": {}}
+    for row in rows:
+        cells = {}
+        for m in metrics:
+            mean, low, high = bootstrap_ci(per_row[row][m], grid.bootstrap, grid.confidence, seed=0)
+            cells[m] = {"mean": mean, "low": low, "high": high}
+        corpus = [r["rows"][row].get("corpus_bleu") for r in reports]
+        pooled["rows"][row] = {"metrics": cells, "corpus_bleu": float(np.mean([c for c in corpus if c is not None]))
+                               if any(c is not None for c in corpus) else None}
+    if "sft" in per_row:
+        for row in rows:
+            if row != "sft":
+                pooled["paired_vs_sft"][row] = {
+                    m: paired_bootstrap_diff(per_row[row][m], per_row["sft"][m], grid.bootstrap, grid.confidence, 0)
+                    for m in metrics}
+    pooled["agreement"] = [r.get("agreement") for r in reports]
+    return pooled
+
+
+def cost_ledger(run_dir: Path, annotation: AnnotationCost) -> dict:
+    """Ranking work done and compute spent by one run, against the crowd price of the same pairs."""
+    from train.rundir import RunDir
+
+    run = RunDir(run_dir)
+    sample = run.summary("sample")
+    stages = {}
+    for stage in ("sft", "sample", "reward", "ppo", "eval"):
+        if run.is_done(stage):
+            summary = run.summary(stage)
+            processes = int(summary.get("processes", 1))
+            stages[stage] = {"seconds": summary.get("stage_seconds", 0.0),
+                             "process_seconds": summary.get("stage_seconds", 0.0) * processes,
+                             "gpu_hours": summary.get("gpu_hours", 0.0)}
+    pairs = int(sample.get("pairs", 0))
+    crowd = pairs * annotation.annotators_per_comparison * annotation.price_per_comparison
+    return {"pairs": pairs, "samples": sample.get("samples"), "stages": stages,
+            "process_seconds": sum(s["process_seconds"] for s in stages.values()),
+            "gpu_hours": sum(s["gpu_hours"] for s in stages.values()),
+            "crowd_cost": crowd, "currency": annotation.currency,
+            "annotators_per_comparison": annotation.annotators_per_comparison,
+            "price_per_comparison": annotation.price_per_comparison}
+
+
+def _agreement_lines(agreements: list[dict | None]) -> list[str]:
+    present = [a for a in agreements if a]
+    if not present:
+        return ["(no ranking-agreement study in these runs)"]
+    lines = ["| scorer | filter | exact-order match | chance | Kendall tau | groups |", "|---|---|---|---|---|---|"]
+    scorers = present[0].get("scorers", {})
+    for scorer, filters in scorers.items():
+        for filt, first in filters.items():
+            if not isinstance(first, dict) or "exact_match" not in first:
+                continue
+            vals = [a["scorers"][scorer][filt] for a in present if scorer in a["scorers"]]
+            match = np.mean([v["exact_match"]["mean"] for v in vals])
+            chance = np.mean([v.get("chance", float("nan")) for v in vals])
+            tau = np.mean([v["kendall_tau"]["mean"] for v in vals])
+            groups = sum(int(v.get("n_groups", 0)) for v in vals)
+            lines.append(f"| {scorer} | {filt} | {match * 100:.1f}% | {chance * 100:.1f}% | {tau:.3f} | {groups} |")
+    return lines
+
+
+def _verdicts(pooled: dict) -> list[str]:
+    """Plain-words reading of each STR row against SFT (full fine-tuning), from the paired CIs."""
+    lines = []
+    for row, diffs in pooled["paired_vs_sft"].items():
+        if not row.startswith("str"):
+            continue
+        for metric, d in diffs.items():
+            if d["low"] > 0:
+                verdict = "better than SFT (CI above 0)"
+            elif d["high"] < 0:
+                verdict = "worse than SFT (CI below 0)"
+            else:
+                verdict = "not distinguishable from SFT (CI spans 0)"
+            lines.append(f"- {row} {metric}: {d['diff'] * 100:+.2f} [{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}] "
+                         f"x100 -> {verdict}")
+    return lines
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+            else None, "date": time.strftime("%Y-%m-%d")}
+
+
+def render(grid: GridConfig, tasks: dict[str, dict], ledgers: dict[str, list[dict]], env: dict) -> str:
+    from train.report import format_table
+
+    out = [f"# Results: {grid.name}", ""]
+    if grid.command:
+        out += ["Regenerate with:", "", "```bash", grid.command, "```", ""]
+    out += [f"Environment: Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}; "
+            f"{env['cpu']} x {env['cores']} cores; GPU: {env['gpu'] or 'none'}; {env['date']}.", "",
+            f"Seeds: {grid.seeds}. Each cell: mean over seeds and test examples, {int(grid.confidence * 100)}% "
+            f"bootstrap CI over examples ({grid.bootstrap} resamples); metrics x100; best per column in bold. "
+            "Every cell of the grid is shown.", ""]
+    for task, pooled in tasks.items():
+        out += [f"## {task}", "", format_table(pooled), "", "STR variants against SFT (paired bootstrap):", ""]
+        out += _verdicts(pooled) or ["(no STR rows)"]
+        out += ["", "Ranking agreement (answers ordered by the learned reward / TextRank vs by METEOR to the gold "
+                "answer; mean over seeds):", ""]
+        out += _agreement_lines(pooled["agreement"])
+        out += ["", "Cost ledger (per run):", "", "| run | pairs | process-seconds | GPU-hours | crowd cost |",
+                "|---|---|---|---|---|"]
+        for ledger in ledgers[task]:
+            out.append(f"| {ledger['run']} | {ledger['pairs']} | {ledger['process_seconds']:.0f} | "
+                       f"{ledger['gpu_hours']:.3f} | {ledger['crowd_cost']:.2f} {ledger['currency']} "
+                       f"({ledger['annotators_per_comparison']} x {ledger['price_per_comparison']:.2f} per pair) |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def _plot(tasks: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ranking.atomic import atomic_open
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
+    for ax, (task, pooled) in zip(axes[0], tasks.items()):
+        metric = "em" if pooled["task_kind"] == "qa" else "meteor"
+        names = list(pooled["rows"])
+        cells = [pooled["rows"][n]["metrics"][metric] for n in names]
+        means = np.array([c["mean"] for c in cells]) * 100
+        err = np.array([[c["mean"] - c["low"], c["high"] - c["mean"]] for c in cells]).T * 100
+        ax.bar(range(len(names)), means, yerr=err, capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_title(f"{task}: {metric} x100")
+    fig.tight_layout()
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
+    plt.close(fig)
+
+
+def run_grid(grid: GridConfig) -> dict:
+    from train.pipeline import run_pipeline
+
+    from .config import load_experiment
+
+    root = Path(grid.output_dir) / grid.name
+    configs = {}
+    for task_path in grid.tasks:  # validate every run's config before any work starts
+        for seed in grid.seeds:
+            task_name = Path(task_path).stem
+            configs[(task_name, seed)] = load_experiment(
+                task_path, [*grid.overrides, f"seed={seed}", f"name={task_name}-s{seed}", f"output_dir={root}"])
+    for (task_name, seed), config in configs.items():
+        log.info("grid %s: %s seed %d", grid.name, task_name, seed)
+        run_pipeline(config, resume=True)
+    tasks, ledgers = {}, {}
+    for task_name in dict.fromkeys(t for t, _ in configs):
+        dirs = [root / f"{task_name}-s{seed}" for seed in grid.seeds]
+        tasks[task_name] = pool_task(dirs, grid)
+        ledgers[task_name] = [{"run": d.name, **cost_ledger(d, grid.annotation)} for d in dirs]
+    env = environment()
+    results = {"grid": dataclasses.asdict(grid), "environment": env, "tasks": tasks, "ledgers": ledgers}
+    write_json(root / "results.json", results)
+    text = render(grid, tasks, ledgers, env)
+    write_text(root / "results.md", text)
+    _plot(tasks, root / "results.png")
+    if grid.results_doc:
+        write_text(grid.results_doc, text)
+    print(text)
+    return results
+
+
+def load_grid(path: str | os.PathLike) -> GridConfig:
+    from .config import build, load_yaml
+
+    return build(GridConfig, load_yaml(path))
