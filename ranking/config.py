@@ -53,18 +53,29 @@ class TextRankConfig:
 @dataclass
 class IsodataConfig:
     enabled: bool = True
-    # Starting number of clusters (capped at the number of distinct answers).
+    # Starting number of clusters (capped at the number of distinct answers), seeded k-means++.
+    # Identical answers are clustered as one weighted point, so they always share a cluster.
     initial_k: int = 2
-    # Clusters smaller than this are dissolved and their points reassigned.
+    # Clusters smaller than this are dissolved and their points reassigned to the nearest
+    # surviving centroid (if all are smaller, the largest survives).
     min_cluster_size: int = 1
-    # Split a cluster whose largest per-dimension variance... measured as the mean squared distance of
-    # its members to the centroid on unit-normalised embeddings, exceeds this (paper: 0.05).
+    # Split a cluster whose spread exceeds this (paper: 0.05). Spread = mean squared Euclidean distance
+    # of the members to their centroid (the trace of the cluster's covariance), not the largest
+    # per-dimension variance: a sentence embedding spreads its variance over hundreds of dimensions,
+    # so one dimension's variance would almost never reach 0.05, while the total is rotation-invariant
+    # and readable: for unit vectors it equals 1 - mean pairwise cosine (self-pairs included), so 0.05
+    # splits clusters whose members are on average less than ~0.95 cosine-similar. The split cuts
+    # along the principal axis (direction of largest variance); it is refused when a half would fall
+    # below min_cluster_size or the halves' centroids would be closer than merge_distance.
     split_variance: float = 0.05
     # Merge two clusters whose centroids are closer than this Euclidean distance (unit embeddings:
-    # 0.3 is a cosine similarity of about 0.955, i.e. near-paraphrases).
+    # 0.3 is a cosine similarity of about 0.955, i.e. near-paraphrases); closest pairs first, at most
+    # max_merges_per_iter per iteration, and only if the union's spread stays within split_variance
+    # (so that split and merge never undo each other).
     merge_distance: float = 0.3
     max_merges_per_iter: int = 2
     max_clusters: int = 64
+    # Stop when an iteration leaves the labels unchanged and splits/merges nothing, or after max_iter.
     max_iter: int = 20
     seed: int = 0
 

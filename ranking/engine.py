@@ -52,6 +52,20 @@ class RankedGroup:
         missing = [key for key in JSON_KEYS if key not in obj]
         if missing:
             raise ValueError(f"ranked group is missing keys: {', '.join(missing)}")
+        for key in ("responses", "scores", "order", "clusters", "representatives", "pairs", "noise"):
+            if not isinstance(obj[key], list):
+                raise ValueError(f"ranked group: {key!r} must be a list")
+        n = len(obj["responses"])
+        if not all(isinstance(text, str) for text in obj["responses"]):
+            raise ValueError("ranked group: 'responses' must hold strings")
+        for key in ("scores", "order", "clusters"):
+            if len(obj[key]) != n:
+                raise ValueError(f"ranked group: {key!r} has {len(obj[key])} entries for {n} responses")
+        if len(obj["noise"]) != len(obj["pairs"]):
+            raise ValueError("ranked group: 'noise' must have one entry per pair")
+        for pair in obj["pairs"]:
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(i, int) and 0 <= i < n for i in pair)):
+                raise ValueError(f"ranked group: bad pair {pair!r} (two response indices expected)")
         return cls(
             id=str(obj["id"]),
             prompt=obj["prompt"],

@@ -50,7 +50,9 @@ def _init_centroids(points: np.ndarray, weights: np.ndarray, k: int, rng: np.ran
     return points[chosen].copy()
 
 
-def _assign(points: np.ndarray, weights: np.ndarray, centroids: np.ndarray, min_size: float) -> tuple[np.ndarray, np.ndarray]:
+def _assign(
+    points: np.ndarray, weights: np.ndarray, centroids: np.ndarray, min_size: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest-centroid labels (ties -> lower cluster), then dissolve empty and too-small clusters.
 
     Points of a dissolved cluster go to the nearest surviving centroid. If every cluster is too
