@@ -1,0 +1,139 @@
+"""evaluate_rows end to end on tiny real models: generations, metrics, paired CIs, agreement, report."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ranking.errors import UserError
+from train import metrics
+from train.config import EvalConfig, TaskConfig
+from train.data import Example
+from train.evaluate import evaluate_rows, example_references
+from train.reward_model import RewardModel
+
+from .helpers import tiny_config, tiny_policy
+
+
+def _policy_folder(root, config, seed):
+    tiny_policy(root, config, seed=seed)  # saves root / "policy"
+    return root / "policy"
+
+
+def _examples():
+    rows = [("the cat sat on the mat", "where did the cat sit", ["on the mat", "the mat"]),
+            ("paris is the capital of france", "what is the capital of france", ["Paris"]),
+            ("the sky is blue today", "what colour is the sky", ["blue"]),
+            ("bob has three apples", "how many apples does bob have", ["three", "3"]),
+            ("the river runs to the sea", "is the moon made of cheese", ["unanswerable"]),
+            ("the cat sat on the mat", "what sat on the mat", ["the cat"]),
+            ("the sky is blue today", "when is the sky blue", ["today"])]
+    return [Example(id=f"q{i}", prompt=f"<c> {c} <q> {q} <a>", target=refs[0], references=refs, meta={})
+            for i, (c, q, refs) in enumerate(rows)]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalrun")
+    config = tiny_config(
+        root, task=TaskConfig(kind="qa", train=str(root / "unused.jsonl")),
+        eval=EvalConfig(max_examples=6, max_new_tokens=6, batch_size=4, bootstrap=50, agreement_groups=3,
+                        agreement_group_size=4, seed=11),
+    )
+    original = _policy_folder(root / "original", config, seed=1)
+    sft = _policy_folder(root / "sft", config, seed=2)
+    torch.manual_seed(3)
+    RewardModel.from_causal_lm(sft).save_pretrained(root / "reward")
+    log = root / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "reward/mean": 0.1 * s, "objective/kl": 0.02 * s}) + "\n"
+                           for s in range(5)))
+    # "str" reuses the original weights: same model + same seeds must give the same answers.
+    rows = [("original", original), ("sft", sft), ("str", original)]
+    out = root / "eval"
+    results = evaluate_rows(config, rows, _examples(), out, reward_folders={"str": root / "reward"},
+                            ppo_logs={"str": log, "str_noise": root / "missing.jsonl"}, task_kind="qa")
+    return config, results, out
+
+
+def _generations(out, row):
+    return [json.loads(line) for line in (out / f"generations_{row}.jsonl").read_text().splitlines()]
+
+
+def test_rows_metrics_and_generations(run_folder):
+    config, results, out = run_folder
+    assert list(results["rows"]) == ["original", "sft", "str"]
+    assert results["n_examples"] == 6  # capped by eval.max_examples
+    for name, row in results["rows"].items():
+        gens = _generations(out, name)
+        assert [g["id"] for g in gens] == [f"q{i}" for i in range(6)]
+        # per-example scores in the file are the metrics of the saved text; the row mean is their mean
+        rescored = metrics.score_examples([g["generation"] for g in gens], [g["references"] for g in gens], qa=True)
+        for m in ("bleu4", "gleu", "meteor", "em", "f1", "precision", "recall"):
+            assert [g[m] for g in gens] == pytest.approx(rescored[m].tolist())
+            ci = row["metrics"][m]
+            assert ci["mean"] == pytest.approx(float(np.mean(rescored[m])))
+            assert ci["low"] <= ci["mean"] <= ci["high"]
+        assert row["corpus_bleu"] == pytest.approx(
+            metrics.corpus_bleu([g["generation"] for g in gens], [g["references"] for g in gens]))
+    # common random numbers: the same weights answer identically
+    same = [g["generation"] for g in _generations(out, "original")]
+    assert [g["generation"] for g in _generations(out, "str")] == same
+    assert any(g["generation"] for g in _generations(out, "sft"))
+
+
+def test_paired_differences_against_sft(run_folder):
+    _, results, _ = run_folder
+    paired = results["paired_vs_sft"]
+    assert set(paired) == {"original", "str"}
+    for name in ("original", "str"):
+        for m, d in paired[name].items():
+            expected = results["rows"][name]["metrics"][m]["mean"] - results["rows"]["sft"]["metrics"][m]["mean"]
+            assert d["diff"] == pytest.approx(expected)
+            assert d["low"] <= d["diff"] + 1e-12 and d["diff"] <= d["high"] + 1e-12
+    assert paired["original"] == paired["str"]
+
+
+def test_agreement_study_on_sft_samples(run_folder):
+    _, results, out = run_folder
+    agreement = results["agreement"]
+    assert agreement["source_row"] == "sft" and agreement["n_groups"] == 3
+    assert set(agreement["scorers"]) == {"textrank", "reward:str"}
+    for scorer in agreement["scorers"].values():
+        assert scorer["all"]["n_groups"] == 3
+        assert 0.0 <= scorer["all"]["exact_match"] <= 1.0
+        assert 1 / 24 <= scorer["all"]["chance"] <= 1.0
+    groups = [json.loads(line) for line in (out / "agreement_groups.jsonl").read_text().splitlines()]
+    assert len(groups) == 3
+    for g in groups:
+        assert len(g["responses"]) == 4 and len(g["scores"]["reward:str"]) == 4 and len(g["scores"]["textrank"]) == 4
+        refs = example_references(next(ex for ex in _examples() if ex.id == g["id"]), "qa", "unanswerable")
+        assert g["ref_scores"] == pytest.approx([metrics.meteor(r, refs) for r in g["responses"]])
+        assert sum(g["scores"]["textrank"]) == pytest.approx(1.0)
+
+
+def test_report_written(run_folder):
+    _, results, out = run_folder
+    assert results["curves"]["str"]["reward/mean"] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    assert "str_noise" not in results["curves"]  # missing log: skipped with a warning
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["rows"]["sft"]["metrics"]["f1"] == results["rows"]["sft"]["metrics"]["f1"]
+    md = (out / "report.md").read_text()
+    assert "| SFT |" in md and "EM (x100)" in md and "textrank" in md
+    for name in ("metrics.png", "reward.png", "kl.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_user_errors(tmp_path, run_folder):
+    config, _, _ = run_folder
+    with pytest.raises(UserError, match="no model folders"):
+        evaluate_rows(config, [], _examples(), tmp_path, task_kind="qa")
+    with pytest.raises(UserError, match="distinct"):
+        evaluate_rows(config, [("a", tmp_path), ("a", tmp_path)], _examples(), tmp_path, task_kind="qa")
+    with pytest.raises(UserError, match="model folder not found"):
+        evaluate_rows(config, [("a", tmp_path / "nope")], _examples(), tmp_path, task_kind="qa")
+    empty = Example(id="x", prompt="p", target="", references=[], meta={})
+    with pytest.raises(UserError, match="test example x"):
+        example_references(empty, "dialogue", "unanswerable")
+    assert example_references(empty, "qa", "unanswerable") == ["unanswerable"]

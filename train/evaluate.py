@@ -1,0 +1,256 @@
+"""Eval stage: score each system (original, SFT, baselines, STR variants) on the test examples.
+
+For every row the model answers each test prompt once, with the decoding of ``config.eval`` (the
+paper's sampling by default; seeded identically for every row, so that rows differ by their model and
+not by their random draws). Outputs in the eval folder: ``generations_<row>.jsonl`` (answer and
+per-example scores), ``agreement_groups.jsonl`` (the ranking study's groups) and the report
+(``train.report``). The ranking study samples ``eval.agreement_group_size`` answers per prompt from
+the SFT model and compares each reward model's order, and TextRank's, with the METEOR order
+(``train.agreement``).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ranking.atomic import write_jsonl
+from ranking.errors import UserError
+from ranking.jsonl import read_jsonl
+
+from .agreement import AgreementGroup, agreement_study
+from .config import ExperimentConfig
+from .metrics import QA_METRICS, TEXT_METRICS, bootstrap_ci, corpus_bleu, meteor, paired_bootstrap_diff, score_examples
+from .report import CURVE_KEYS, write_report
+
+log = logging.getLogger(__name__)
+
+BASELINE_ROW = "sft"
+TEXTRANK = "textrank"
+
+
+def example_references(example, task_kind: str, unanswerable: str) -> list[str]:
+    """Gold answers of one example: its references, else its target; QA "no answer" becomes the
+    unanswerable target string (which the SQuAD scorer reads as no-answer)."""
+    refs = [r for r in (example.references or []) if isinstance(r, str) and r.strip()]
+    if not refs and isinstance(example.target, str) and example.target.strip():
+        refs = [example.target]
+    if not refs:
+        if task_kind != "qa":
+            raise UserError(f"test example {example.id}: no reference answer to score against")
+        refs = [unanswerable]
+    return refs
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _free_memory() -> None:
+    """Collect a model the caller has just deleted (rows are evaluated one model at a time)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    return seed * 1_000_003 + index
+
+
+def prompt_budget(model, max_new_tokens: int) -> int | None:
+    """Prompt tokens that fit beside ``max_new_tokens`` in the model's context (long SQuAD contexts
+    lose their oldest tokens); None when the model states no limit."""
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    if limit <= max_new_tokens:
+        raise UserError(f"eval.max_new_tokens: {max_new_tokens} leaves no room for the prompt in a {limit}-token model")
+    return limit - max_new_tokens
+
+
+def answer_examples(config: ExperimentConfig, folder: Path, prompts: Sequence[str], desc: str) -> list[str]:
+    """One answer per prompt from the model in ``folder``, with ``config.eval`` decoding."""
+    from .generation import generate
+    from .models import load_model
+
+    ev = config.eval
+    model, tokenizer = load_model(Path(folder), config.model)
+    model.to(_device()).eval()
+    budget = prompt_budget(model, ev.max_new_tokens)
+    texts: list[str] = []
+    with tqdm(total=len(prompts), desc=desc, unit="example") as bar:
+        for index, start in enumerate(range(0, len(prompts), ev.batch_size)):
+            chunk = list(prompts[start:start + ev.batch_size])
+            generation = generate(model, tokenizer, chunk, n=1, do_sample=ev.do_sample, temperature=ev.temperature,
+                                  top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
+                                  seed=_batch_seed(ev.seed, index), batch_size=ev.batch_size,
+                                  max_prompt_length=budget)
+            texts.extend(t.strip() for t in generation.texts)
+            bar.update(len(chunk))
+    del model, tokenizer
+    _free_memory()
+    return texts
+
+
+def _ci(values: np.ndarray, config: ExperimentConfig) -> dict:
+    mean, low, high = bootstrap_ci(values, config.eval.bootstrap, config.eval.confidence, config.eval.seed)
+    return {"mean": mean, "low": low, "high": high}
+
+
+def read_curves(path: Path) -> dict:
+    """``step``, ``reward/mean`` and ``objective/kl`` columns of a PPO ``log.jsonl`` (missing -> None)."""
+    columns: dict[str, list] = {"step": [], **{key: [] for key in CURVE_KEYS}}
+    for number, row in read_jsonl(path):
+        if "step" not in row:
+            raise UserError(f"{path}:{number}: PPO log row without 'step'")
+        columns["step"].append(row["step"])
+        for key in CURVE_KEYS:
+            value = row.get(key)
+            columns[key].append(float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None)
+    return columns
+
+
+def agreement_groups(config: ExperimentConfig, sft_folder: Path, examples: Sequence, references: list[list[str]],
+                     reward_folders: dict[str, Path]) -> list[AgreementGroup]:
+    """Sample groups of answers from the SFT model, rank them (TextRank + ISODATA), score them with
+    every reward model and with METEOR against the gold references."""
+    from ranking.ranker import Ranker
+
+    from .generation import generate
+    from .models import load_model
+    from .reward_model import RewardModel, score
+
+    ev = config.eval
+    rng = np.random.default_rng(ev.seed)
+    count = min(ev.agreement_groups, len(examples))
+    picked = sorted(rng.choice(len(examples), size=count, replace=False).tolist())
+    k = ev.agreement_group_size
+    prompts = [examples[i].prompt for i in picked]
+
+    model, tokenizer = load_model(Path(sft_folder), config.model)
+    model.to(_device()).eval()
+    budget = prompt_budget(model, ev.max_new_tokens)
+    texts: list[str] = []
+    per_call = max(1, ev.batch_size // k)
+    for index, start in enumerate(tqdm(range(0, count, per_call), desc="agreement samples", unit="batch")):
+        generation = generate(model, tokenizer, prompts[start:start + per_call], n=k, do_sample=True,
+                              temperature=config.sample.temperature, top_p=config.sample.top_p,
+                              max_new_tokens=ev.max_new_tokens, seed=_batch_seed(ev.seed + 1, index),
+                              batch_size=ev.batch_size, max_prompt_length=budget)
+        texts.extend(t.strip() for t in generation.texts)
+    del model, tokenizer
+    _free_memory()
+
+    raw = [{"id": examples[i].id, "prompt": prompts[j], "responses": texts[j * k:(j + 1) * k]}
+           for j, i in enumerate(picked)]
+    ranked = Ranker(config.ranking).rank(raw)
+    groups = [AgreementGroup(id=r.id, ref_scores=[meteor(resp, references[i]) for resp in r.responses],
+                             scores={TEXTRANK: [float(s) for s in r.scores]},
+                             representatives=[int(x) for x in r.representatives],
+                             meta={"prompt": r.prompt, "responses": list(r.responses),
+                                   "clusters": [int(c) for c in r.clusters]})
+              for r, i in zip(ranked, picked)]
+
+    flat_prompts = [g.meta["prompt"] for g in groups for _ in g.meta["responses"]]
+    flat_responses = [resp for g in groups for resp in g.meta["responses"]]
+    for name, folder in (reward_folders or {}).items():
+        rm = RewardModel.from_pretrained(folder, config.model).to(_device())
+        values = score(rm, rm.tokenizer, flat_prompts, flat_responses, batch_size=ev.batch_size,
+                       max_length=config.reward.max_length, normalized=True)
+        offset = 0
+        for g in groups:
+            size = len(g.meta["responses"])
+            g.scores[f"reward:{name}"] = [float(v) for v in values[offset:offset + size]]
+            offset += size
+        del rm
+        _free_memory()
+    return groups
+
+
+def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], examples: list, out_folder: Path, *,
+                  reward_folders: dict[str, Path] | None = None, ppo_logs: dict[str, Path] | None = None,
+                  task_kind: str) -> dict:
+    """Score every ``(name, model folder)`` row on ``examples``, run the ranking study, write the report.
+
+    Returns the results dict that ``train.report.write_report`` renders (also saved as ``report.json``).
+    """
+    ev = config.eval
+    out = Path(out_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [name for name, _ in rows]
+    if not rows:
+        raise UserError("eval: no model folders to evaluate (run the sft stage first)")
+    if len(set(names)) != len(names):
+        raise UserError(f"eval: row names must be distinct, got {names}")
+    examples = list(examples[: ev.max_examples] if ev.max_examples else examples)
+    if not examples:
+        raise UserError("eval: the test split has no examples")
+    qa = task_kind == "qa"
+    unanswerable = config.task.unanswerable_target
+    references = [example_references(ex, task_kind, unanswerable) for ex in examples]
+    prompts = [ex.prompt for ex in examples]
+    metric_names = TEXT_METRICS + (QA_METRICS if qa else ())
+
+    results: dict = {
+        "task_kind": task_kind, "n_examples": len(examples), "confidence": ev.confidence, "bootstrap": ev.bootstrap,
+        "metrics": list(metric_names),
+        "decoding": {"do_sample": ev.do_sample, "temperature": ev.temperature, "top_p": ev.top_p,
+                     "max_new_tokens": ev.max_new_tokens, "seed": ev.seed},
+        "rows": {}, "paired_vs_sft": {}, "agreement": None, "curves": {},
+    }
+    per_example: dict[str, dict[str, np.ndarray]] = {}
+    for name, folder in tqdm(rows, desc="eval rows", unit="row"):
+        texts = answer_examples(config, folder, prompts, desc=f"eval {name}")
+        scores = score_examples(texts, references, qa=qa, unanswerable=unanswerable)
+        per_example[name] = scores
+        generations_file = f"generations_{name}.jsonl"
+        write_jsonl(out / generations_file, (
+            {"id": ex.id, "prompt": ex.prompt, "references": refs, "generation": text,
+             **{m: float(scores[m][i]) for m in metric_names}}
+            for i, (ex, refs, text) in enumerate(zip(examples, references, texts))))
+        results["rows"][name] = {
+            "model": str(folder),
+            "metrics": {m: _ci(scores[m], config) for m in metric_names},
+            "corpus_bleu": corpus_bleu(texts, references),
+            "generations": generations_file,
+        }
+        log.info("eval %s: %s", name, ", ".join(f"{m}={scores[m].mean():.4f}" for m in metric_names))
+
+    if BASELINE_ROW in per_example:
+        base = per_example[BASELINE_ROW]
+        for name, scores in per_example.items():
+            if name != BASELINE_ROW:
+                results["paired_vs_sft"][name] = {
+                    m: paired_bootstrap_diff(scores[m], base[m], ev.bootstrap, ev.confidence, ev.seed)
+                    for m in metric_names}
+
+    folders = dict(rows)
+    if ev.agreement_groups > 0 and BASELINE_ROW in folders:
+        groups = agreement_groups(config, folders[BASELINE_ROW], examples, references, reward_folders or {})
+        write_jsonl(out / "agreement_groups.jsonl", (
+            {"id": g.id, **g.meta, "ref_scores": g.ref_scores, "scores": g.scores,
+             "representatives": g.representatives} for g in groups))
+        results["agreement"] = {
+            "source_row": BASELINE_ROW, "group_size": ev.agreement_group_size, "reference": "meteor",
+            **agreement_study(groups, n_resamples=ev.bootstrap, confidence=ev.confidence, seed=ev.seed),
+        }
+    elif ev.agreement_groups > 0:
+        log.warning("eval: no %r row, so no ranking agreement study", BASELINE_ROW)
+
+    for name, path in (ppo_logs or {}).items():
+        if Path(path).is_file():
+            results["curves"][name] = read_curves(Path(path))
+        else:
+            log.warning("eval: PPO log %s not found; no curves for %s", path, name)
+
+    write_report(out, results)
+    return results
