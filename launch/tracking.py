@@ -1,0 +1,223 @@
+"""Weights & Biases tracking for one run folder: rank 0 only, offline unless a key is present.
+
+``Tracker.open`` returns a real tracker on the main process and a no-op one everywhere else (and when
+tracking is disabled), so stage code calls ``log``/``log_table``/``finish`` without asking who it is.
+
+* Mode: ``tracking.wandb`` in the config. "online" needs ``WANDB_API_KEY``; without it the run is
+  kept offline (``wandb sync`` uploads it later) rather than failing a job after hours in a queue.
+* Identity: the W&B run id is written once to ``<run_dir>/wandb_id.txt``; ``resume=True`` reuses it
+  (``resume="allow"``), so a requeued or restarted job continues the same W&B run.
+* Each stage logs under its own prefix (``sft/``, ``reward/``, ``ppo/``...) against its own step axis
+  (``<stage>/step``): stages count steps from 0 and W&B drops points whose global step goes back.
+* The logged config passes through ``launch.secrets.redact``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets as _random
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from launch.secrets import install_log_redaction, redact
+from ranking.atomic import write_text
+from ranking.errors import UserError
+from train.config import STAGES, ExperimentConfig
+
+logger = logging.getLogger(__name__)
+
+ID_FILE = "wandb_id.txt"
+# Columns of the sampled-answers table (see ``sample_rows``).
+SAMPLE_COLUMNS = ["id", "prompt", "response", "textrank_score", "rank", "cluster", "representative", "role",
+                  "reward"]
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def process_rank() -> int:
+    """Global rank of this process: torch.distributed when initialised, else the launcher's RANK."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def resolve_mode(requested: str, environ: dict | None = None) -> str:
+    """The W&B mode to use: "disabled", "offline", or "online" (only when an API key is set)."""
+    environ = os.environ if environ is None else environ
+    if requested not in ("online", "offline", "disabled"):
+        raise UserError(f"tracking.wandb: must be one of online, offline, disabled; got {requested!r}")
+    if requested == "online" and not environ.get("WANDB_API_KEY"):
+        logger.warning("tracking.wandb is 'online' but WANDB_API_KEY is not set: logging offline "
+                       "(upload later with `wandb sync`)")
+        return "offline"
+    return requested
+
+
+def run_id(run_dir: Path, resume: bool) -> str:
+    """The W&B run id of this run folder: reused on resume, otherwise freshly drawn and saved."""
+    path = Path(run_dir) / ID_FILE
+    if resume and path.is_file():
+        stored = path.read_text(encoding="utf-8").strip()
+        if stored and all(c in _ID_ALPHABET for c in stored):
+            return stored
+        logger.warning("%s: not a valid run id, starting a new W&B run", path)
+    new = "".join(_random.choice(_ID_ALPHABET) for _ in range(12))
+    write_text(path, new + "\n")
+    return new
+
+
+def sample_rows(groups: Iterable[dict], rewards: dict[tuple[str, int], float] | None = None,
+                max_rows: int | None = 200) -> list[list]:
+    """Rows for the sampled-answers table from ``RankedGroup.to_json()`` dicts.
+
+    One row per answer: its TextRank score and rank, ISODATA cluster, whether it is its cluster's
+    representative, its role in the training pairs ("winner", "loser", "both" or "none") and, when
+    given, its reward (``rewards[(group_id, answer_index)]``).
+    """
+    rows: list[list] = []
+    for group in groups:
+        winners = {w for w, _ in group.get("pairs", [])}
+        losers = {l for _, l in group.get("pairs", [])}
+        rank_of = {index: position for position, index in enumerate(group.get("order", []))}
+        reps = set(group.get("representatives", []))
+        clusters = group.get("clusters") or [None] * len(group["responses"])
+        for i, response in enumerate(group["responses"]):
+            role = ("both" if i in winners and i in losers else "winner" if i in winners
+                    else "loser" if i in losers else "none")
+            reward = None if rewards is None else rewards.get((str(group.get("id")), i))
+            rows.append([str(group.get("id")), group.get("prompt", ""), response, float(group["scores"][i]),
+                         rank_of.get(i), clusters[i], i in reps, role, reward])
+            if max_rows is not None and len(rows) >= max_rows:
+                return rows
+    return rows
+
+
+class Tracker:
+    """Logs one run to W&B. Build it with ``Tracker.open``; a disabled tracker ignores every call."""
+
+    def __init__(self, run=None):
+        self._run = run
+        self._axes: set[str] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return self._run is not None
+
+    @property
+    def id(self) -> str | None:
+        return self._run.id if self._run is not None else None
+
+    @property
+    def run(self):
+        """The underlying ``wandb`` run, or None when disabled."""
+        return self._run
+
+    @classmethod
+    def open(cls, config: ExperimentConfig, run_dir: str | os.PathLike, resume: bool,
+             *, is_main: bool | None = None) -> "Tracker":
+        """Start (or resume) the run folder's W&B run on the main process; a no-op tracker elsewhere."""
+        if is_main is None:
+            is_main = process_rank() == 0
+        mode = resolve_mode(config.tracking.wandb)
+        if not is_main or mode == "disabled":
+            return cls(None)
+        install_log_redaction()
+        import wandb
+
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        identifier = run_id(run_dir, resume)
+        run = wandb.init(
+            project=config.tracking.project,
+            entity=config.tracking.entity,
+            name=config.name,
+            id=identifier,
+            resume="allow",
+            dir=str(run_dir),
+            mode=mode,
+            config=redact(config),
+            # Console capture would copy every printed line (and any secret in it) into the run;
+            # the job's own logs already keep the console.
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        logger.info("W&B %s run %s in %s", mode, run.id, run_dir)
+        return cls(run)
+
+    def _prefixed(self, metrics: dict[str, Any], stage: str) -> dict[str, Any]:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}; got {stage!r}")
+        return {k if k.startswith(f"{stage}/") else f"{stage}/{k}": v for k, v in metrics.items()}
+
+    def _axis(self, stage: str) -> str:
+        axis = f"{stage}/step"
+        if axis not in self._axes:
+            self._run.define_metric(axis, hidden=True)
+            self._run.define_metric(f"{stage}/*", step_metric=axis)
+            self._axes.add(axis)
+        return axis
+
+    def log(self, metrics: dict[str, Any], step: int, stage: str) -> None:
+        """Log scalars as ``<stage>/<name>`` at ``step`` of that stage's own axis."""
+        if self._run is None:
+            return
+        data = self._prefixed(metrics, stage)
+        data[self._axis(stage)] = step
+        self._run.log(data)
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                  stage: str = "sample", step: int | None = None) -> None:
+        """Log a table (e.g. sampled answers with scores, clusters, pair roles, rewards) as ``<stage>/<name>``."""
+        if self._run is None:
+            return
+        import wandb
+
+        width = len(columns)
+        for i, row in enumerate(rows):
+            if len(row) != width:
+                raise ValueError(f"table {name!r}: row {i} has {len(row)} values for {width} columns")
+        table = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+        data = self._prefixed({name: table}, stage)
+        if step is not None:
+            data[self._axis(stage)] = step
+        self._run.log(data)
+
+    def log_artifact_files(self, paths: Iterable[str | os.PathLike], name: str = "eval-report",
+                           kind: str = "evaluation") -> None:
+        """Upload files (the eval report, its plots) as one versioned artifact of this run."""
+        if self._run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(name, type=kind)
+        count = 0
+        for path in paths:
+            path = Path(path)
+            if not path.is_file():
+                raise UserError(f"{path}: file to track not found")
+            artifact.add_file(str(path), name=path.name)
+            count += 1
+        if count:
+            self._run.log_artifact(artifact)
+
+    def summary(self, values: dict[str, Any], stage: str) -> None:
+        """Record final values (e.g. a stage's DONE summary) in the run summary."""
+        if self._run is None:
+            return
+        for key, value in self._prefixed(redact(values), stage).items():
+            self._run.summary[key] = value
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self._run is None:
+            return
+        self._run.finish(exit_code=exit_code)
+        self._run = None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)
