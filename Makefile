@@ -22,6 +22,8 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup demo test bench clean
 
+SLURM_BIN := /usr/sbin/slurmd
+
 setup: $(STAMP) $(WORDNET)
 
 # torch goes in first from its CPU wheel; constraints.txt keeps every later install on it.
@@ -35,10 +37,14 @@ $(STAMP): pyproject.toml constraints.txt
 $(WORDNET): launch/setup_wordnet.py | $(STAMP)
 	$(PY) -m launch.setup_wordnet $(NLTK_DATA_DIR)
 
+# A real single-node Slurm for the SLURM tests (Debian packages; needs root, as CI has).
+$(SLURM_BIN):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge
+
 demo: setup
 	$(VENV)/bin/selfrank run configs/demo.yaml
 
-test: setup
+test: setup $(SLURM_BIN)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
