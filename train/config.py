@@ -120,6 +120,9 @@ class SFTConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     adapter_size: int = 64
+    # Ours: gradient-norm clipping (0 = off) and the checkpoint interval in optimizer steps for resume.
+    max_grad_norm: float = 1.0
+    save_every: int = 200
     # Extra methods trained as baselines next to the main one (rows of the report).
     baselines: list[str] = field(default_factory=list)
 
@@ -138,6 +141,8 @@ class SFTConfig:
         check_range("sft.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         check_range("sft.lora_r", self.lora_r, 1)
         check_range("sft.adapter_size", self.adapter_size, 1)
+        check_range("sft.max_grad_norm", self.max_grad_norm, 0.0)
+        check_range("sft.save_every", self.save_every, 1)
 
 
 @dataclass
