@@ -1,0 +1,116 @@
+"""The offline embedded task: short, checkable answers generated in code from a seed.
+
+Each prompt holds a few facts and asks about one of them; the answer is a short phrase that can be
+checked exactly. Three kinds of question, of different difficulty for a small model:
+
+* ``lookup``  ``<c> ann has a red cup . tom has a blue hat . <q> what does tom have ? <a> a blue hat``
+  (copy the object of the named person out of the context);
+* ``reverse`` ``<c> ... <q> who has the blue hat ? <a> tom`` (copy the person who owns the object);
+* ``add``     ``<c> ann has 3 apples . ann gets 4 more apples . <q> how many apples does ann have ? <a> 7 apples``
+  (a small addition table).
+
+Why this shape: a briefly trained small model gets these right often but not always, and when it is
+unsure its samples scatter over *different* wrong answers (other people, other objects, neighbouring
+numbers) while right samples all agree. Agreement among samples therefore correlates with correctness,
+which is the premise of STR: the majority of K samples is right more often than one sample.
+"""
+from __future__ import annotations
+
+import random
+
+from .config import PromptFormat, SyntheticTaskConfig
+from .data import Example, TaskData
+
+NAMES = ("ann", "tom", "sam", "eva", "bob", "lia", "max", "zoe", "ian", "kim", "leo", "amy", "joe", "mia",
+         "ben", "ivy", "dan", "eli", "gus", "ada")
+# A fixed little world: every person has one value of each attribute (drawn from the task seed).
+ATTRIBUTES = {
+    "city": ("question", "where does {p} live ?", "{p} lives in {v} .", "in {v}",
+             ("paris", "rome", "oslo", "lima", "cairo", "tokyo", "delhi", "quito")),
+    "pet": ("question", "what pet does {p} have ?", "{p} has a {v} .", "a {v}",
+            ("cat", "dog", "fish", "bird", "frog", "horse", "rabbit", "snake")),
+    "job": ("question", "what does {p} do ?", "{p} works as a {v} .", "a {v}",
+            ("baker", "nurse", "pilot", "farmer", "doctor", "teacher", "singer", "driver")),
+    "color": ("question", "what color does {p} like ?", "{p} likes {v} .", "{v}",
+              ("red", "blue", "green", "black", "white", "pink", "brown", "gray")),
+}
+COUNTED = ("apples", "coins", "cards", "shells", "stamps", "eggs")
+KINDS = ("fact", "fact", "add")
+
+
+def make_world(seed: int) -> dict[str, dict[str, str]]:
+    """person -> attribute -> value, fixed for the task (the knowledge the model must learn)."""
+    rng = random.Random(f"world-{seed}")
+    return {p: {a: rng.choice(spec[4]) for a, spec in ATTRIBUTES.items()} for p in NAMES}
+
+
+def _fact(rng: random.Random, world: dict[str, dict[str, str]]) -> tuple[str, str, str, str]:
+    """Ask one attribute of one person; the context states one or two of their *other* attributes.
+
+    The answer is not in the prompt: it is world knowledge learnt in training, as in closed-book QA, so
+    a partly trained model knows some facts and guesses among same-type values for the rest.
+    """
+    person = rng.choice(NAMES)
+    asked = rng.choice(list(ATTRIBUTES))
+    others = rng.sample([a for a in ATTRIBUTES if a != asked], rng.randint(1, 2))
+    facts = [ATTRIBUTES[a][2].format(p=person, v=world[person][a]) for a in others]
+    # A true fact about someone else, so that the name in the question must be matched, not just any name.
+    other = rng.choice([n for n in NAMES if n != person])
+    other_attr = rng.choice(list(ATTRIBUTES))
+    facts.insert(rng.randint(0, len(facts)), ATTRIBUTES[other_attr][2].format(p=other, v=world[other][other_attr]))
+    context = " ".join(facts)
+    _, question, _, answer, _ = ATTRIBUTES[asked]
+    return context, question.format(p=person), answer.format(v=world[person][asked]), asked
+
+
+def _addition(rng: random.Random) -> tuple[str, str, str]:
+    person, thing = rng.choice(NAMES), rng.choice(COUNTED)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    # A distracting second person keeps the model reading the context rather than the question alone.
+    other = rng.choice([n for n in NAMES if n != person])
+    facts = [f"{person} has {a} {thing} .", f"{other} has {rng.randint(1, 9)} {thing} ."]
+    rng.shuffle(facts)
+    context = " ".join(facts) + f" {person} gets {b} more {thing} ."
+    return context, f"how many {thing} does {person} have ?", f"{a + b} {thing}"
+
+
+def make_example(rng: random.Random, index: int, split: str, fmt: PromptFormat,
+                 world: dict[str, dict[str, str]], kind: str) -> Example:
+    if kind == "add":
+        context, question, answer = _addition(rng)
+        detail = "add"
+    else:
+        context, question, answer, detail = _fact(rng, world)
+    prompt = f"{fmt.context} {context} {fmt.question} {question} {fmt.answer}"
+    return Example(id=f"{split}-{index}", prompt=prompt, target=answer, references=[answer],
+                   meta={"kind": kind, "detail": detail, "group": f"{split}-{index}"})
+
+
+def make_task(cfg: SyntheticTaskConfig, fmt: PromptFormat) -> TaskData:
+    """Seeded train/validation/test examples; a prompt that occurs in train is never reused later."""
+    rng = random.Random(cfg.seed)
+    world = make_world(cfg.seed)
+    seen: set[str] = set()
+    splits = {}
+    for split, count in (("train", cfg.n_train), ("validation", cfg.n_validation), ("test", cfg.n_test)):
+        examples = []
+        index = 0
+        attempts = 0
+        while len(examples) < count:
+            ex = make_example(rng, index, split, fmt, world, KINDS[len(examples) % len(KINDS)])
+            index += 1
+            attempts += 1
+            if ex.prompt in seen:
+                if attempts > 20 * count + 1000:
+                    raise RuntimeError("synthetic task: too few distinct prompts for the requested sizes")
+                continue
+            seen.add(ex.prompt)
+            examples.append(ex)
+        splits[split] = examples
+    return TaskData(splits["train"], splits["validation"], splits["test"])
+
+
+def is_correct(answer: str, example: Example) -> bool:
+    """Exact match after collapsing whitespace and case (answers are short phrases)."""
+    norm = " ".join(answer.lower().split())
+    return any(norm == " ".join(r.lower().split()) for r in example.references)
