@@ -7,6 +7,7 @@ cheap per-group maths (TextRank, ISODATA, pairs, noise) on slices of that matrix
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Sequence
 
@@ -15,6 +16,29 @@ import numpy as np
 from .config import RankingConfig
 from .embed import Embedder, make_embedder
 from .engine import RankedGroup, prepare_responses, rank_group
+
+
+_BLAS_CONTROLLER = None
+
+
+@contextlib.contextmanager
+def _blas_threads(threads: int):
+    """Limit BLAS threads while ranking. The per-group matrices are tiny, so extra BLAS threads
+    only spin, and on a busy machine they make each group's maths many times slower.
+    threadpoolctl ships with sentence-transformers' dependencies; without it, nothing is limited."""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _BLAS_CONTROLLER = False
+        else:
+            _BLAS_CONTROLLER = ThreadpoolController()  # scanning the loaded libraries is slow: once
+    if not _BLAS_CONTROLLER:
+        yield
+        return
+    with _BLAS_CONTROLLER.limit(limits=threads, user_api="blas"):
+        yield
 
 
 def check_group(group: dict) -> None:
@@ -88,10 +112,11 @@ class Ranker:
         cleaned = [prepare_responses(list(group["responses"]), self.config) for group in groups]
         embeddings = self.embed_groups(cleaned)
         start = time.perf_counter()
-        ranked = [
-            rank_group(str(group["id"]), group["prompt"], texts, emb, self.config, seed=self.seed)
-            for group, texts, emb in zip(groups, cleaned, embeddings)
-        ]
+        with _blas_threads(self.config.embedder.threads):
+            ranked = [
+                rank_group(str(group["id"]), group["prompt"], texts, emb, self.config, seed=self.seed)
+                for group, texts, emb in zip(groups, cleaned, embeddings)
+            ]
         self.stats["rank_s"] += time.perf_counter() - start
         self.stats["groups"] += len(ranked)
         return ranked
