@@ -95,6 +95,21 @@ def _cmd_slurm(args) -> int:
     return slurm_command(args)
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """Keep our own progress bars and logs readable: the libraries' per-load bars and save notices go."""
+    if verbose:
+        return
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    for name in ("httpx", "urllib3", "filelock", "datasets", "sentence_transformers", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -102,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    _quiet_libraries(args.verbose)
     handler = {"rank": _cmd_rank, "slurm": _cmd_slurm, "experiment": _cmd_experiment}.get(args.command, _cmd_stage)
     try:
         return handler(args)

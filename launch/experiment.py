@@ -212,10 +212,11 @@ def _plot(tasks: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from ranking.atomic import atomic_open
+    from train.metrics import EXACT_ANSWER_TASKS
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
     for ax, (task, pooled) in zip(axes[0], tasks.items()):
-        metric = "em" if pooled["task_kind"] == "qa" else "meteor"
+        metric = "em" if pooled["task_kind"] in EXACT_ANSWER_TASKS else "meteor"
         names = list(pooled["rows"])
         cells = [pooled["rows"][n]["metrics"][metric] for n in names]
         means = np.array([c["mean"] for c in cells]) * 100

@@ -25,7 +25,7 @@ from ranking.jsonl import read_jsonl
 
 from .agreement import AgreementGroup, agreement_study
 from .config import ExperimentConfig
-from .metrics import QA_METRICS, TEXT_METRICS, bootstrap_ci, corpus_bleu, meteor, paired_bootstrap_diff, score_examples
+from .metrics import EXACT_ANSWER_TASKS, QA_METRICS, TEXT_METRICS, bootstrap_ci, corpus_bleu, meteor, paired_bootstrap_diff, score_examples
 from .report import CURVE_KEYS, write_report
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
     examples = list(examples[: ev.max_examples] if ev.max_examples else examples)
     if not examples:
         raise UserError("eval: the test split has no examples")
-    qa = task_kind == "qa"
+    qa = task_kind in EXACT_ANSWER_TASKS
     unanswerable = config.task.unanswerable_target
     references = [example_references(ex, task_kind, unanswerable) for ex in examples]
     prompts = [ex.prompt for ex in examples]

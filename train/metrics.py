@@ -39,6 +39,8 @@ from ranking.errors import UserError
 BLEU_WEIGHTS = (0.25, 0.25, 0.25, 0.25)
 TEXT_METRICS = ("bleu4", "gleu", "meteor")
 QA_METRICS = ("em", "f1", "precision", "recall")
+# Tasks with short checkable answers, scored with SQuAD EM/F1 on top of the text metrics.
+EXACT_ANSWER_TASKS = ("qa", "synthetic")
 
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ranking.atomic import atomic_open, write_json, write_text
 
-from .metrics import TEXT_METRICS
+from .metrics import EXACT_ANSWER_TASKS, TEXT_METRICS
 
 COLUMN_TITLES = {"bleu4": "BLEU-4", "gleu": "GLEU", "meteor": "METEOR", "em": "EM", "f1": "F1",
                  "precision": "Precision", "recall": "Recall"}
@@ -31,7 +31,7 @@ def row_title(name: str) -> str:
 
 
 def table_columns(task_kind: str) -> tuple[str, ...]:
-    return TEXT_METRICS + (("em", "f1") if task_kind == "qa" else ())
+    return TEXT_METRICS + (("em", "f1") if task_kind in EXACT_ANSWER_TASKS else ())
 
 
 def _fmt(x: float | None, scale: float = 100.0) -> str:
