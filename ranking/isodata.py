@@ -167,6 +167,22 @@ def _first_appearance(labels: np.ndarray) -> np.ndarray:
     return np.array([mapping.setdefault(int(l), len(mapping)) for l in labels], dtype=np.int64)
 
 
+def _distinct_rows(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct rows in first-appearance order, each row's index among them, and their multiplicities.
+
+    Hashing row bytes is linear; ``np.unique(axis=0)`` sorts whole rows and dominated the cost of
+    high-dimensional (lexical) embeddings."""
+    first: dict[bytes, int] = {}
+    inverse = np.empty(pts.shape[0], dtype=np.int64)
+    for i, row in enumerate(np.ascontiguousarray(pts)):
+        inverse[i] = first.setdefault(row.tobytes(), len(first))
+    order = np.empty(len(first), dtype=np.int64)
+    for i in range(pts.shape[0] - 1, -1, -1):
+        order[inverse[i]] = i  # ends at each distinct row's first occurrence
+    weights = np.bincount(inverse, minlength=len(first)).astype(np.float64)
+    return pts[order], inverse, weights
+
+
 def isodata(points: np.ndarray, config: IsodataConfig) -> np.ndarray:
     """Cluster labels ``(n,)``, numbered 0..C-1 by first appearance; seeded and deterministic.
 
@@ -182,9 +198,7 @@ def isodata(points: np.ndarray, config: IsodataConfig) -> np.ndarray:
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     # Cluster distinct points only, weighted by multiplicity: duplicates cannot be separated.
-    distinct, inverse, counts = np.unique(pts, axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
-    weights = counts.astype(np.float64)
+    distinct, inverse, weights = _distinct_rows(pts)
     m = distinct.shape[0]
     if m == 1:
         return np.zeros(n, dtype=np.int64)
