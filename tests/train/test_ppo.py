@@ -1,0 +1,294 @@
+"""The PPO loop on tiny real models: learning, exact resume, NaN handling, missing-EOS penalty."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from train.config import ExperimentConfig, PPOConfig, TinyModelConfig
+from train.generation import generate
+from train.models import build_tiny_model, load_model, save_model, train_bpe_tokenizer
+from train.ppo import NonFiniteError, collect_rollout, train_ppo
+from train.reward import pairwise_loss
+from train.reward_model import RewardModel, encode_pairs, pad_batch
+from train.value_model import ValueModel
+
+WORDS = "red blue green cat dog sun moon tree river stone bird fish".split()
+GOOD = "yes"  # the reward model is trained to like answers full of this word
+PROMPTS = [f"<q> {a} {b} <a>" for a, b in zip(WORDS, WORDS[3:] + WORDS[:3])]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _texts():
+    return [f"{p} {' '.join(WORDS[i:i + 4])} {GOOD} no" for i, p in enumerate(PROMPTS)] * 4
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny SFT policy and a reward model trained (pairwise loss) to prefer answers made of "good"
+    tokens (even ids) over answers made of "bad" ones (odd ids): a dense preference, so a random policy's
+    samples already differ in reward and PPO has something to climb."""
+    root = tmp_path_factory.mktemp("ppo_world")
+    torch.manual_seed(0)
+    tokenizer = train_bpe_tokenizer(_texts(), vocab_size=300, extra_tokens=("<q>", "<a>"))
+    model = build_tiny_model(TinyModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=300),
+                             tokenizer)
+    sft = root / "sft"
+    save_model(model, tokenizer, sft)
+
+    rm = RewardModel.from_causal_lm(sft)
+    special = set(tokenizer.all_special_ids)
+    good = torch.tensor([i for i in range(len(tokenizer)) if i % 2 == 0 and i not in special])
+    bad = torch.tensor([i for i in range(len(tokenizer)) if i % 2 == 1 and i not in special])
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(n: int):
+        rows = []
+        for kind in ("winner", "loser"):
+            for i in range(n):
+                length = 2 + (i % 7)
+                # Winners are mostly good tokens, losers mostly bad ones (80/20), so partial credit exists.
+                share = 0.8 if kind == "winner" else 0.2
+                pick_good = torch.rand(length, generator=gen) < share
+                ids = torch.where(pick_good, good[torch.randint(len(good), (length,), generator=gen)],
+                                  bad[torch.randint(len(bad), (length,), generator=gen)])
+                end = [tokenizer.eos_token_id] if i % 2 else []
+                rows.append(prompt_ids[i % len(PROMPTS)] + ids.tolist() + end)
+        return pad_batch(rows, tokenizer.pad_token_id)
+
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=3e-3)
+    for _ in range(80):
+        ids, mask = batch(16)
+        rewards = rm(ids, mask)
+        loss = pairwise_loss(rewards[:16], rewards[16:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        ids, mask = batch(64)
+        rewards = rm(ids, mask)
+    accuracy = float((rewards[:64] > rewards[64:]).float().mean())
+    assert accuracy > 0.8, f"the test reward model did not learn its preference (accuracy {accuracy})"
+    rm.eval()
+    rm_folder = root / "rm"
+    rm.save_pretrained(rm_folder)
+    return {"root": root, "sft": sft, "rm": rm_folder}
+
+
+def tiny_config(**ppo) -> ExperimentConfig:
+    settings = dict(steps=4, batch_size=4, samples_per_prompt=2, max_new_tokens=8, ppo_epochs=2, minibatches=2,
+                    lr=1e-3, critic_lr=1e-3, save_every=2, missing_eos_penalty=-1.0)
+    settings.update(ppo)
+    config = ExperimentConfig(seed=3)
+    config.ppo = PPOConfig(**settings)
+    return config
+
+
+def read_log(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def test_value_model_starts_as_the_normalised_reward(world):
+    rm = RewardModel.from_pretrained(world["rm"])
+    rm.set_normalizer(2.0, -0.5)
+    critic = ValueModel.from_reward_model(rm)
+    ids, mask = pad_batch(encode_pairs(rm.tokenizer, PROMPTS[:3], ["yes yes", "cat", "sun moon"], 64),
+                          rm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        values = critic(ids, mask)
+        expected = rm.normalized(rm(ids, mask))
+    assert values.shape == ids.shape
+    torch.testing.assert_close(values[:, -1], expected, atol=1e-5, rtol=1e-5)  # left padding: last = last real
+    critic.save_pretrained(world["root"] / "critic_roundtrip")
+    again = ValueModel.from_pretrained(world["root"] / "critic_roundtrip")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, mask), values)
+
+
+def test_rollout_logprobs_match_the_update_forward(world):
+    actor, tokenizer = load_model(world["sft"])
+    rm = RewardModel.from_pretrained(world["rm"])
+    critic = ValueModel.from_reward_model(rm)
+    cfg = PPOConfig(batch_size=2, samples_per_prompt=2, max_new_tokens=6, temperature=0.7)
+    ro = collect_rollout(actor, actor, rm, critic, tokenizer, PROMPTS[:2], cfg, seed=5)
+    # The reference here IS the actor, so the KL is exactly 0 and the log-probs are real probabilities.
+    torch.testing.assert_close(ro.logp * ro.mask, ro.ref_logp * ro.mask)
+    assert bool((ro.logp[ro.mask.bool()] < 0).all())
+    # The log-probs are of softmax(logits / T): compare with a plain full forward at T = 0.7.
+    with torch.no_grad():
+        full = actor(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                     position_ids=(ro.attention_mask.cumsum(1) - 1).clamp(min=0)).logits
+    r = ro.response_ids.shape[1]
+    expected = torch.log_softmax(full[:, -r - 1:-1] / 0.7, -1).gather(-1, ro.response_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(ro.logp * ro.mask, expected * ro.mask, atol=1e-5, rtol=1e-5)
+    # The RM score is read on the same ids.
+    torch.testing.assert_close(ro.raw_score, rm(ro.input_ids, ro.attention_mask).detach())
+
+
+def _mean_score(folder, rm_folder, seed=11):
+    model, tokenizer = load_model(folder)
+    rm = RewardModel.from_pretrained(rm_folder)
+    gen = generate(model, tokenizer, PROMPTS, n=4, temperature=0.8, max_new_tokens=8, seed=seed)
+    with torch.no_grad():
+        ids = torch.cat([gen.query_ids, gen.response_ids], 1)
+        mask = torch.cat([gen.query_mask, gen.response_mask], 1)
+        return float(rm.normalized(rm(ids, mask)).mean()), gen
+
+
+def test_ppo_raises_the_reward_with_finite_kl(world, tmp_path):
+    config = tiny_config(steps=12, batch_size=6, samples_per_prompt=4, lr=3e-3, kl_coef=0.05,
+                         missing_eos_penalty=None)
+    summary = train_ppo(config, PROMPTS, world["sft"], world["rm"], tmp_path / "ppo")
+    rows = read_log(tmp_path / "ppo")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert summary["steps"] == 12 and summary["episodes"] == 12 * 24 and summary["skipped_steps"] == 0
+    for key in ("objective/kl", "objective/kl_coef", "objective/entropy", "reward/mean", "reward/std",
+                "objective/rlhf_reward", "loss/policy", "loss/value", "policy/clipfrac", "value/clipfrac",
+                "policy/approxkl", "time/step_s", "tokens/s"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    first = sum(r["reward/mean"] for r in rows[:3]) / 3
+    final = sum(r["reward/mean"] for r in rows[-3:]) / 3
+    assert final > first + 0.3, (first, final)
+    assert rows[-1]["objective/kl"] > 0  # the policy moved away from the reference, by a finite amount
+    # Same prompts, same sampling seed: the trained actor scores higher than the SFT model.
+    before, _ = _mean_score(world["sft"], world["rm"])
+    after, _ = _mean_score(tmp_path / "ppo" / "actor", world["rm"])
+    assert after > before + 0.3, (before, after)
+    assert (tmp_path / "ppo" / "critic" / "value_head.safetensors").is_file()
+
+
+def test_resume_equals_uninterrupted(world, tmp_path):
+    full = tiny_config(steps=4)
+    train_ppo(full, PROMPTS, world["sft"], world["rm"], tmp_path / "full")
+
+    part = tiny_config(steps=2)
+    train_ppo(part, PROMPTS, world["sft"], world["rm"], tmp_path / "cut")
+    # A crash after logging step 3 but before its checkpoint leaves a line the resumed run must redo.
+    with open(tmp_path / "cut" / "log.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": 3, "reward/mean": 123.0}) + "\n")
+    # Disturb the global RNGs: the checkpoint must restore them.
+    torch.manual_seed(999)
+    summary = train_ppo(full, PROMPTS, world["sft"], world["rm"], tmp_path / "cut", resume=True)
+    assert summary["steps"] == 4 and summary["episodes"] == 4 * 8
+
+    a, _ = load_model(tmp_path / "full" / "actor")
+    b, _ = load_model(tmp_path / "cut" / "actor")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    ca = ValueModel.from_pretrained(tmp_path / "full" / "critic")
+    cb = ValueModel.from_pretrained(tmp_path / "cut" / "critic")
+    for (name, x), (_, y) in zip(ca.state_dict().items(), cb.state_dict().items()):
+        assert torch.equal(x, y), name
+    full_log, cut_log = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [r["step"] for r in cut_log] == [1, 2, 3, 4]
+    for x, y in zip(full_log, cut_log):
+        assert x["reward/mean"] == y["reward/mean"] and x["loss/policy"] == y["loss/policy"]
+
+
+def _nan_reward_model(world, tmp_path):
+    rm = RewardModel.from_pretrained(world["rm"])
+    with torch.no_grad():
+        rm.head.weight.fill_(float("nan"))
+    folder = tmp_path / "nan_rm"
+    rm.save_pretrained(folder)
+    # The critic starts from this RM too; give it a finite head so only the scores are poisoned.
+    return folder
+
+
+def test_nan_scores_skip_the_step(world, tmp_path):
+    folder = _nan_reward_model(world, tmp_path)
+    summary = train_ppo(tiny_config(steps=2, nan_policy="skip"), PROMPTS, world["sft"], folder, tmp_path / "ppo")
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 2
+    rows = read_log(tmp_path / "ppo")
+    assert [r["skipped"] for r in rows] == ["reward-model scores"] * 2
+    # Nothing was applied: the saved actor equals the SFT model.
+    a, _ = load_model(world["sft"])
+    b, _ = load_model(tmp_path / "ppo" / "actor")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_nan_scores_stop_with_a_checkpoint(world, tmp_path):
+    folder = _nan_reward_model(world, tmp_path)
+    with pytest.raises(NonFiniteError, match="non-finite reward-model scores"):
+        train_ppo(tiny_config(steps=2, nan_policy="stop"), PROMPTS, world["sft"], folder, tmp_path / "ppo")
+    assert (tmp_path / "ppo" / "checkpoint" / "trainer_state.pt").is_file()
+    state = torch.load(tmp_path / "ppo" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 0 and state["cursor"] == 0
+
+
+def test_missing_eos_penalty_is_applied(world, tmp_path):
+    # Two tokens per answer: nearly none ends, so the penalty shows in the logged scores.
+    base = dict(steps=1, max_new_tokens=2, batch_size=4, samples_per_prompt=2)
+    train_ppo(tiny_config(missing_eos_penalty=-5.0, **base), PROMPTS, world["sft"], world["rm"], tmp_path / "pen")
+    train_ppo(tiny_config(missing_eos_penalty=None, **base), PROMPTS, world["sft"], world["rm"], tmp_path / "nopen")
+    pen, nopen = read_log(tmp_path / "pen")[0], read_log(tmp_path / "nopen")[0]
+    # Same seed, same samples: identical raw scores, and the penalty moves exactly the unfinished ones.
+    assert pen["reward/mean"] == nopen["reward/mean"]
+    unfinished = 1.0 - pen["eos/ended_frac"]
+    assert unfinished > 0
+    assert pen["reward/penalized_mean"] == pytest.approx(pen["reward/mean"] - 5.0 * unfinished, abs=1e-5)
+    assert nopen["reward/penalized_mean"] == pytest.approx(nopen["reward/mean"], abs=1e-6)
+
+
+def _lexical_pool():
+    from ranking.config import RankingConfig
+    from ranking.pool import RankingPool
+
+    config = RankingConfig()
+    config.embedder.name = "lexical"
+    pool = RankingPool(config, workers=1)
+    pool.wait_ready(timeout=120)
+    return pool
+
+
+def test_online_refresh_trains_the_rm_on_fresh_ranked_pairs_only(world):
+    from train.ppo import OnlineRewardRefresher
+
+    rm = RewardModel.from_pretrained(world["rm"])
+    config = tiny_config(online_rm_every=1, online_rm_max_staleness=1)
+    refresher = OnlineRewardRefresher(rm, rm.tokenizer, config)
+    answers = ["cat dog sun", "cat dog moon", "cat dog sun tree", "fish river stone"]
+    pool = _lexical_pool()
+    try:
+        pool.submit("old", PROMPTS[0], answers, policy_version=1)
+        pool.submit("new", PROMPTS[1], answers, policy_version=5)
+        results = pool.drain(timeout=120)
+    finally:
+        pool.close()
+    assert {r.id for r in results} == {"old", "new"} and all(r.ok for r in results)
+    refresher.take(results)
+    n_new = len(next(r for r in results if r.id == "new").ranked.pairs)
+    n_old = len(next(r for r in results if r.id == "old").ranked.pairs)
+    assert n_new > 0
+    before = [p.detach().clone() for p in rm.parameters()]
+    stats = refresher.refresh(step=6, generator=torch.Generator().manual_seed(0))
+    # Version 1 is 5 steps old (> 1): dropped; version 5 is 1 step old: kept.
+    assert stats["online_rm/pairs"] == n_new and stats["online_rm/dropped_stale"] == n_old
+    assert math.isfinite(stats["online_rm/loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, rm.parameters()))
+    assert not rm.training and not any(p.requires_grad for p in rm.parameters())
+
+
+def test_ppo_with_ranking_pool_logs_queue_and_saves_online_rm(world, tmp_path):
+    pool = _lexical_pool()
+    try:
+        config = tiny_config(steps=2, samples_per_prompt=4, minibatches=2, online_rm_every=1)
+        summary = train_ppo(config, PROMPTS, world["sft"], world["rm"], tmp_path / "ppo", ranking_pool=pool,
+                            online_rm=True)
+    finally:
+        pool.close()
+    rows = read_log(tmp_path / "ppo")
+    assert all("ranking/queue_depth" in r and "ranking/latency_s" in r and "online_rm/pairs" in r for r in rows)
+    assert summary["ranking_dropped_groups"] == 0
+    assert RewardModel.from_pretrained(tmp_path / "ppo" / "reward_model") is not None
