@@ -72,13 +72,39 @@ def _cmd_rank(args) -> int:
     return 0
 
 
+def _preflight(config, stages: list[str], force: bool) -> None:
+    """Read the task data and find the model before anything is written, so that a bad input file or
+    model name leaves the run folder exactly as it was."""
+    from pathlib import Path
+
+    from train.data import load_task
+    from train.models import check_model_source
+    from train.rundir import RunDir
+
+    root = RunDir(Path(config.output_dir) / config.name)
+    todo = [stage for stage in stages if force or not root.is_done(stage)]
+    if any(stage != "reward" for stage in todo):
+        load_task(config.task)
+    if "sft" in todo:
+        check_model_source(config.model)
+
+
 def _cmd_stage(args) -> int:
+    from pathlib import Path
+
     from launch.config import load_experiment
+    from launch.tracking import Tracker, pipeline_callbacks
+    from train.config import STAGES
     from train.pipeline import run_pipeline
+    from train.signals import install_stop_handlers
 
     config = load_experiment(args.config, args.overrides)
     stages = None if args.command == "run" else [args.command]
-    run_pipeline(config, stages=stages, resume=args.resume, force=args.force)
+    _preflight(config, list(stages or STAGES), args.force)
+    install_stop_handlers()
+    # W&B on the main process only (a no-op tracker elsewhere); the pipeline sees plain callbacks.
+    with Tracker.open(config, Path(config.output_dir) / config.name, resume=args.resume) as tracker:
+        run_pipeline(config, stages=stages, resume=args.resume, force=args.force, **pipeline_callbacks(tracker))
     return 0
 
 
@@ -127,6 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("selfrank: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from ranking.atomic import disk_full_errno
+        from train.signals import EXIT_CODE, Preempted
+
+        if isinstance(exc, Preempted):  # 143: the job script requeues the job, which resumes
+            print(f"selfrank: {exc}", file=sys.stderr)
+            return EXIT_CODE
+        code = disk_full_errno(exc)
+        if code is None:
+            raise
+        where = getattr(exc, "filename", None) or "the run folder"
+        print(f"selfrank: error: disk full while writing {where} ({os.strerror(code)}); "
+              "free space (or raise the file size limit) and rerun with --resume", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -221,3 +221,16 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.finish(exit_code=0 if exc_type is None else 1)
+
+
+def pipeline_callbacks(tracker: Tracker) -> dict:
+    """The tracking callbacks ``train.pipeline.run_pipeline`` takes (``log``, ``log_table``, ``log_files``).
+
+    ``train`` never imports ``launch``: the pipeline calls these plain functions, which render its
+    ranked groups as the sampled-answers table (:func:`sample_rows`) and its report files as an artifact.
+    """
+    def log_table(name: str, groups: list[dict], stage: str) -> None:
+        tracker.log_table(name, SAMPLE_COLUMNS, sample_rows(groups), stage=stage)
+
+    return {"log": tracker.log, "log_table": log_table,
+            "log_files": lambda paths: tracker.log_artifact_files(paths)}

@@ -224,6 +224,10 @@ class PPOConfig:
     online_rm_max_staleness: int = 2
     nan_policy: str = "skip"  # "skip" the step, or "stop" with a checkpoint
     save_every: int = 25
+    # Placement of the frozen roles under DeepSpeed ZeRO-3: keep the reference policy's / reward
+    # model's shards in CPU memory (they are only read once per rollout); ignored elsewhere.
+    offload_reference: bool = False
+    offload_reward: bool = False
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "samples_per_prompt", "ppo_epochs", "minibatches", "max_new_tokens",

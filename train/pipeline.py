@@ -3,6 +3,16 @@
 Each stage writes ``runs/<name>/<stage>/`` and a ``DONE.json`` summary when complete; complete stages
 are skipped (``force`` redoes them), ``resume`` continues a stage from its last checkpoint. The reward
 and PPO stages train one model per STR variant (``reward/<variant>/``, ``ppo/<variant>/``).
+
+Under ``accelerate launch`` (``accelerate launch -m launch.cli run CONFIG``) every process runs this
+function. The sft and reward stages are collective (sharded global batches, see ``train.distributed``);
+the sample, ppo and eval stages run on the main process only for now while the other processes wait
+at a barrier without a deadline (a stage may take hours; if the main process dies the launcher stops
+the rest). Only the main process writes ``config.yaml`` and the ``DONE.json`` summaries; each summary
+records ``processes`` (the world size) and ``gpu_hours`` (processes x hours on CUDA, else 0).
+
+Tracking stays outside this package: the caller passes plain callbacks (``log``, ``log_table``,
+``log_files``) that the stages call with their metrics; none of them is required.
 """
 from __future__ import annotations
 
@@ -10,19 +20,78 @@ import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 
 from ranking.atomic import write_text
 from ranking.errors import UserError
 
+from . import distributed as dist
 from .config import STAGES, ExperimentConfig
 from .rundir import RunDir
 from .seeding import seed_everything
+from .stage_dist import stage_cost
+from .signals import stop_if_requested
 
 log = logging.getLogger(__name__)
+
+# Stages that run on the main process only (the others wait): not yet sharded across processes.
+MAIN_ONLY_STAGES = ("sample", "ppo", "eval")
+# Waiting for a main-only stage has no practical deadline (the process group's own timeout is minutes).
+_WAIT_TIMEOUT = timedelta(days=30)
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@dataclass
+class Hooks:
+    """Where stages report, all optional (no-ops by default); called on the main process only.
+
+    ``log(metrics, step, stage)``: scalars of one step of a stage (SFT loss/lr, RM loss/accuracy, eval
+    metrics at step 0). ``log_table(name, groups, stage)``: ranked groups (``RankedGroup.to_json()``
+    dicts) for a table of sampled answers. ``log_files(paths)``: report files to keep as artifacts.
+    """
+    log: Callable[[dict, int, str], None] = _ignore
+    log_table: Callable[[str, list[dict], str], None] = _ignore
+    log_files: Callable[[list[Path]], None] = _ignore
+
+    def stage_log(self, stage: str, prefix: str = "") -> Callable[[dict, int], None]:
+        """``log(metrics, step)`` for one stage (keys under ``prefix``), silent on non-main ranks."""
+        if not dist.is_main():
+            return _ignore
+        return lambda metrics, step: self.log({prefix + k: v for k, v in metrics.items()}, step, stage)
+
+
+class _Barrier:
+    """Barriers for a multi-process run: ``wait`` has no practical deadline (a gloo group of its own)."""
+
+    def __init__(self):
+        self.world = dist.world_size()
+        self.group = None
+        if self.world > 1:
+            import torch.distributed as tdist
+
+            dist.get_accelerator()  # the process group
+            self.group = tdist.new_group(backend="gloo", timeout=_WAIT_TIMEOUT)
+
+    def wait(self) -> None:
+        if self.group is not None:
+            import torch.distributed as tdist
+
+            tdist.barrier(group=self.group)
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the main process while the others wait; its result on main, None elsewhere."""
+        result = fn() if dist.is_main() else None
+        self.wait()
+        return result
+
 
 # Variant -> (reward loss, use noised losers, online RM refresh during PPO).
 VARIANT_SETTINGS = {
@@ -33,16 +102,20 @@ VARIANT_SETTINGS = {
 }
 
 
-def _stage_sft(config: ExperimentConfig, run: RunDir, resume: bool) -> dict:
+def _stage_sft(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks) -> dict:
     from .sft import run as run_sft
 
-    return run_sft(config, run, resume)
+    return run_sft(config, run, resume, log_step=hooks.stage_log("sft"))
 
 
-def _stage_sample(config: ExperimentConfig, run: RunDir, resume: bool) -> dict:
+def _stage_sample(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks) -> dict:
     from .sample import run as run_sample
 
-    return run_sample(config, run, resume)
+    summary = run_sample(config, run, resume)
+    groups = [json.loads(line) for line in (run.root / "sample" / "ranked.jsonl").open(encoding="utf-8")]
+    hooks.log_table("answers", groups, "sample")
+    hooks.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, 0, "sample")
+    return summary
 
 
 def _reference_samples(ranked_path: Path) -> tuple[list[str], list[str]]:
@@ -56,7 +129,7 @@ def _reference_samples(ranked_path: Path) -> tuple[list[str], list[str]]:
     return prompts, responses
 
 
-def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool) -> dict:
+def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks) -> dict:
     from .reward import train_reward
 
     sample = run.require("sample")
@@ -74,13 +147,15 @@ def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool) -> dict:
             config, sft_model, sample / "pairs.jsonl", sample / "ranked.jsonl", run.stage(stage) / "model",
             loss=loss, use_noise=use_noise, resume=resume,
             normalize_prompts=prompts, normalize_responses=responses,
+            log_step=hooks.stage_log("reward", f"{variant}/"),
         )
-        run.mark_done(stage, summary)
+        if dist.is_main():
+            run.mark_done(stage, summary)
         summaries[variant] = summary
     return {"variants": summaries}
 
 
-def _stage_ppo(config: ExperimentConfig, run: RunDir, resume: bool) -> dict:
+def _stage_ppo(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks) -> dict:
     from ranking.pool import RankingPool
 
     from .data import load_task
@@ -119,7 +194,7 @@ def eval_rows(config: ExperimentConfig, run: RunDir) -> list[tuple[str, Path]]:
     return [(name, folder) for name, folder in rows if folder.is_dir()]
 
 
-def _stage_eval(config: ExperimentConfig, run: RunDir, resume: bool) -> dict:
+def _stage_eval(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks) -> dict:
     from .data import load_task
     from .evaluate import evaluate_rows
 
@@ -129,10 +204,25 @@ def _stage_eval(config: ExperimentConfig, run: RunDir, resume: bool) -> dict:
     ppo_logs = {v: run.root / "ppo" / v / "log.jsonl" for v in config.variants if run.is_done(f"ppo/{v}")}
     results = evaluate_rows(config, eval_rows(config, run), examples, run.stage("eval"),
                             reward_folders=reward_folders, ppo_logs=ppo_logs, task_kind=config.task.kind)
+    hooks.log(eval_metrics(results), 0, "eval")
+    eval_dir = run.root / "eval"
+    hooks.log_files(sorted(p for p in eval_dir.iterdir() if p.is_file() and p.name.startswith("report"))
+                    + sorted(eval_dir.glob("*.png")))
     return {"rows": list(results.get("rows", {})), "report": str(run.root / "eval" / "report.md")}
 
 
-STAGE_FUNCS: dict[str, Callable[[ExperimentConfig, RunDir, bool], dict]] = {
+def eval_metrics(results: dict) -> dict[str, float]:
+    """The report's scalars, flat: ``<row>/<metric>`` (mean), ``<row>/corpus_bleu``."""
+    flat: dict[str, float] = {}
+    for row, values in (results.get("rows") or {}).items():
+        for metric, ci in values.get("metrics", {}).items():
+            flat[f"{row}/{metric}"] = float(ci["mean"])
+        if isinstance(values.get("corpus_bleu"), (int, float)):
+            flat[f"{row}/corpus_bleu"] = float(values["corpus_bleu"])
+    return flat
+
+
+STAGE_FUNCS: dict[str, Callable[[ExperimentConfig, RunDir, bool, Hooks], dict]] = {
     "sft": _stage_sft,
     "sample": _stage_sample,
     "reward": _stage_reward,
@@ -156,28 +246,50 @@ def check_order(config: ExperimentConfig, stages: list[str]) -> None:
 
 
 def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, resume: bool = False,
-                 force: bool = False) -> dict:
+                 force: bool = False, log: Callable[[dict, int, str], None] | None = None,
+                 log_table: Callable[[str, list[dict], str], None] | None = None,
+                 log_files: Callable[[list[Path]], None] | None = None) -> dict:
+    """Run ``stages`` (default: all) in order; returns each stage's summary. Collective under a launcher.
+
+    ``log``/``log_table``/``log_files``: optional tracking callbacks (see :class:`Hooks`)."""
+    logger = logging.getLogger(__name__)  # ``log`` is the tracking callback here
     stages = list(stages or STAGES)
     check_order(config, stages)
+    hooks = Hooks(log or _ignore, log_table or _ignore, log_files or _ignore)
+    barrier = _Barrier()
     run = RunDir.for_config(config)
-    write_text(run.root / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    barrier.on_main(lambda: write_text(run.root / "config.yaml",
+                                       yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)))
     summaries = {}
     for stage in stages:
         if run.is_done(stage) and not force:
-            log.info("%s: complete, skipped (use --force to redo)", stage)
+            logger.info("%s: complete, skipped (use --force to redo)", stage)
             summaries[stage] = run.summary(stage)
             continue
         if force:
-            run.reset(stage)
-        log.info("%s: starting", stage)
+            barrier.on_main(lambda: run.reset(stage))
+        stop_if_requested(stage, 0, None, run.root)  # a stop that arrived in a stage without step checks
+        logger.info("%s: starting", stage)
         seed_everything(config.seed)
         started = time.perf_counter()
-        summary = STAGE_FUNCS[stage](config, run, resume)
-        summary["stage_seconds"] = time.perf_counter() - started
-        run.mark_done(stage, summary)
-        summaries[stage] = summary
-        log.info("%s: done in %.1fs", stage, summary["stage_seconds"])
+        if stage in MAIN_ONLY_STAGES and barrier.world > 1:
+            logger.info("%s: runs on the main process only; %d other process(es) wait", stage, barrier.world - 1)
+            summary = barrier.on_main(lambda: STAGE_FUNCS[stage](config, run, resume, hooks))
+            processes = 1
+        else:
+            summary = STAGE_FUNCS[stage](config, run, resume, hooks)
+            processes = barrier.world
+        if summary is not None:  # None on a process that waited for a main-only stage
+            summary["stage_seconds"] = time.perf_counter() - started
+            # Every process is held for the stage, so the ledger counts all of them even when one works.
+            summary.update(stage_cost(summary["stage_seconds"], barrier.world))
+            summary["working_processes"] = processes
+            if dist.is_main():
+                run.mark_done(stage, summary)
+        barrier.wait()
+        summaries[stage] = summary if summary is not None else run.summary(stage)
+        logger.info("%s: done in %.1fs", stage, summaries[stage].get("stage_seconds", 0.0))
     report = run.root / "eval" / "report.md"
-    if "eval" in stages and report.is_file():
+    if "eval" in stages and report.is_file() and dist.is_main():
         print(report.read_text(encoding="utf-8"))
     return summaries

@@ -10,6 +10,14 @@ The paper trains a GPT-2 reward model on (better, worse) pairs with ``-log sigmo
 
 Beyond the paper, ``loss="listwise"`` trains on each group's whole ranked list with the
 Plackett-Luce likelihood of its best-first order.
+
+Distributed (``accelerate launch``, see ``train.distributed``): ``reward.batch_size`` is the GLOBAL
+batch; its items are split contiguously across ranks (sizes may differ by one) and the update follows
+the gradient of the summed per-pair (per-list) loss over the GLOBAL count, so N processes follow one
+process's trajectory. Held-out scoring and the normaliser are sharded by example and gathered. Only the
+main process writes; checkpoints hold the full weights (gathered under ZeRO-3), loaded into the plain
+module before ``prepare`` on every rank; under DeepSpeed the optimizer moments are not checkpointed
+(ZeRO partitions them), so only one-process and DDP resumes are exact.
 """
 from __future__ import annotations
 
@@ -32,10 +40,13 @@ from ranking.engine import RankedGroup, stable_seed
 from ranking.errors import UserError
 from ranking.jsonl import read_jsonl
 
+from . import distributed as dist
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import ExperimentConfig
 from .models import load_causal_lm
 from .reward_model import RewardModel, encode_pairs, model_device, pad_batch, score
+from .signals import stop_if_requested
+from .stage_dist import begin_training, end_training, stage_cost, uneven_shard
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +60,11 @@ NORMALIZER_MIN_STD = 1e-6
 def pairwise_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
     """Mean of ``-log sigmoid(r_w - r_l)``, computed as ``softplus(r_l - r_w)`` (no overflow)."""
     return F.softplus(r_l - r_w).mean()
+
+
+def pairwise_loss_sum(r_w: torch.Tensor, r_l: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of ``-log sigmoid(r_w - r_l)`` and the number of pairs (for a mean over ranks)."""
+    return F.softplus(r_l - r_w).sum(), int(r_w.numel())
 
 
 def pairwise_accuracy(r_w, r_l) -> float:
@@ -67,6 +83,13 @@ def listwise_loss(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     ``NLL = sum_i [logsumexp(s_i..s_n) - s_i]``. Masked entries (padding) take no part in any term.
     The result is the mean NLL over lists with at least two real items (for two items it equals
     ``pairwise_loss``)."""
+    total, count = listwise_loss_sum(scores, mask)
+    return total / count if count else total
+
+
+def listwise_loss_sum(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of the Plackett-Luce NLLs of the lists with at least two real items, and their number
+    (:func:`listwise_loss` is their mean; a sum over ranks / a global count gives the same mean)."""
     if scores.shape != mask.shape or scores.ndim != 2:
         raise ValueError("scores and mask must both be (groups, items); "
                          f"got {tuple(scores.shape)}, {tuple(mask.shape)}")
@@ -79,8 +102,8 @@ def listwise_loss(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     per_list = terms.sum(dim=-1)
     counted = real.sum(dim=-1) >= 2
     if not bool(counted.any()):
-        return scores.sum() * 0.0  # keeps the graph; no list to learn from
-    return per_list[counted].mean()
+        return scores.sum() * 0.0, 0  # keeps the graph; no list to learn from
+    return per_list[counted].sum(), int(counted.sum())
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -248,10 +271,6 @@ def _remove_checkpoint(folder: Path) -> None:
 
 
 # ---- training --------------------------------------------------------------------------------------
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _fresh_model(config: ExperimentConfig, sft_folder: Path) -> RewardModel:
     backbone = config.reward.backbone
     if backbone == "sft":
@@ -274,29 +293,75 @@ def fit_normalizer(raw: np.ndarray) -> dict:
             "reference_samples": int(raw.size)}
 
 
+class _StateOnly:
+    """A saved state dict posing as a module for ``train.checkpoint`` (the full weights of a sharded model)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def sharded_score(rm: RewardModel, tokenizer, prompts: list[str], responses: list[str], batch_size: int,
+                  max_length: int, acc) -> np.ndarray:
+    """Raw rewards of every pair, each rank scoring its contiguous slice (``rm`` holds the full
+    weights on every rank); the slices are gathered in order, so every rank gets the whole array.
+    Collective."""
+    if not prompts:
+        return np.zeros(0, dtype=np.float32)
+    index, real = uneven_shard(list(range(len(prompts))), acc)
+    local = (score(rm, tokenizer, [prompts[i] for i in index], [responses[i] for i in index], batch_size,
+                   max_length, normalized=False).tolist() if real else [])
+    return np.asarray(dist.gather_object(local, acc), dtype=np.float32)
+
+
 def _accuracy(rm: RewardModel, tokenizer, pairs: list[PreferencePair], use_noise: bool, batch_size: int,
-              max_length: int) -> float | None:
+              max_length: int, acc) -> float | None:
     if not pairs:
         return None
     prompts = [p.prompt for p in pairs]
-    r_w = score(rm, tokenizer, prompts, [p.winner for p in pairs], batch_size, max_length, normalized=False)
-    r_l = score(rm, tokenizer, prompts, [p.loser_text(use_noise) for p in pairs], batch_size, max_length,
-                normalized=False)
+    r_w = sharded_score(rm, tokenizer, prompts, [p.winner for p in pairs], batch_size, max_length, acc)
+    r_l = sharded_score(rm, tokenizer, prompts, [p.loser_text(use_noise) for p in pairs], batch_size, max_length, acc)
     return pairwise_accuracy(torch.from_numpy(r_w), torch.from_numpy(r_l))
+
+
+def _evaluate_and_normalize(rm: RewardModel, tokenizer, config: ExperimentConfig, train_subset, heldout_pairs,
+                            use_noise: bool, normalize_prompts, normalize_responses, eval_batch: int, acc) -> dict:
+    """Train/held-out accuracies and the fitted normaliser (set on ``rm``). Collective (sharded scoring)."""
+    cfg = config.reward
+    out = {
+        "train_accuracy": _accuracy(rm, tokenizer, train_subset, False, eval_batch, cfg.max_length, acc),
+        "heldout_accuracy": _accuracy(rm, tokenizer, heldout_pairs, False, eval_batch, cfg.max_length, acc),
+    }
+    if use_noise:
+        out["heldout_accuracy_noised"] = _accuracy(rm, tokenizer, heldout_pairs, True, eval_batch, cfg.max_length, acc)
+    if cfg.normalize and normalize_responses:
+        raw = sharded_score(rm, tokenizer, list(normalize_prompts), list(normalize_responses), eval_batch,
+                            cfg.max_length, acc)
+        normalizer = fit_normalizer(raw)
+    else:
+        normalizer = {"gain": 1.0, "bias": 0.0, "reference_samples": 0}
+    rm.set_normalizer(normalizer["gain"], normalizer["bias"])
+    out["normalizer"] = normalizer
+    return out
 
 
 def train_reward(config: ExperimentConfig, sft_folder: Path, pairs_path: Path, ranked_path: Path,
                  out_folder: Path, *, loss: str = "pairwise", use_noise: bool = False, resume: bool = False,
                  normalize_prompts: list[str] | None = None, normalize_responses: list[str] | None = None,
                  checkpoint_folder: Path | None = None,
-                 on_step: Callable[[int, float], None] | None = None) -> dict:
+                 on_step: Callable[[int, float], None] | None = None,
+                 log_step: Callable[[dict, int], None] | None = None) -> dict:
     """Train, evaluate on held-out prompts, normalise and save a reward model to ``out_folder``.
 
     ``normalize_prompts``/``normalize_responses``: the reference policy's samples that should score
     mean 0, std 1 (default: every response in ``ranked_path``). ``checkpoint_folder`` (default
     ``out_folder.parent / "checkpoint"``) is written every ``reward.save_every`` steps and removed on
     success; ``resume`` continues from it exactly. ``on_step(step, loss)`` is called after each step
-    (and after its checkpoint). Returns the stage summary."""
+    (and after its checkpoint); ``log_step(metrics, step)`` before it, with the step's global ``loss``
+    (and, pairwise, the batch ``accuracy``). Collective under a launcher: every rank calls it alike.
+    Returns the stage summary."""
     if loss not in LOSSES:
         raise UserError(f"reward.loss: must be one of {', '.join(LOSSES)}; got {loss!r}")
     cfg = config.reward
@@ -339,47 +404,76 @@ def train_reward(config: ExperimentConfig, sft_folder: Path, pairs_path: Path, r
     tokenizer = rm.tokenizer
     if tokenizer is None or tokenizer.pad_token_id is None:
         raise UserError(f"{sft_folder}: the tokenizer needs a pad token for reward-model batches")
-    rm.to(_device())
     rm.train()
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
     resumed_from, losses = 0, []
     if state is not None:
-        load_checkpoint(checkpoint_folder, models={CHECKPOINT_MODEL: rm},
-                        optimizers={CHECKPOINT_OPTIMIZER: optimizer})
+        # Into the plain module and torch optimizer, before prepare, on every rank.
+        optimizers = {CHECKPOINT_OPTIMIZER: optimizer} if state.get("optimizer_saved", True) else {}
+        if not optimizers:
+            log.warning("reward: the checkpoint has no optimizer state (saved under DeepSpeed): it restarts")
+        load_checkpoint(checkpoint_folder, models={CHECKPOINT_MODEL: rm}, optimizers=optimizers)
         resumed_from, losses = int(state["step"]), [float(x) for x in state["losses"]]
         log.info("reward: resuming from step %d of %d (%s)", resumed_from, total_steps, checkpoint_folder)
+    acc = begin_training(1, max(1, cfg.batch_size // dist.world_size()))
+    # No clipping in this stage: 0 keeps DeepSpeed from clipping at its default 1.0.
+    model, optimizer_p = dist.prepare_trainable(acc, rm, optimizer, micro_batch_size=max(1, cfg.batch_size // acc.num_processes),
+                                                max_grad_norm=0.0)
+
+    def save_progress(step: int) -> None:
+        """Checkpoint (collective: the full weights are gathered under ZeRO-3; the main process writes)."""
+        weights = dist.full_state_dict(model, acc)
+        partitioned = dist.uses_deepspeed(acc)  # a ZeRO optimizer has no full state on one rank
+        dist.save_on_main(lambda: save_checkpoint(
+            checkpoint_folder, models={CHECKPOINT_MODEL: _StateOnly(weights)},
+            optimizers={} if partitioned else {CHECKPOINT_OPTIMIZER: optimizer},
+            state={"step": step, "losses": losses, "fingerprint": fingerprint, "optimizer_saved": not partitioned}),
+            acc)
 
     items = [encode_pairs(tokenizer, [prompt] * len(texts), texts, cfg.max_length) for prompt, texts in items_text]
     forward = _pairwise_rewards if loss == "pairwise" else _listwise_scores
-    show = sys.stderr.isatty()
+    show = sys.stderr.isatty() and acc.is_main_process
     progress = tqdm(range(resumed_from, total_steps), desc=f"reward ({loss})", disable=not show,
                     initial=resumed_from, total=total_steps)
     for step in progress:
-        batch = [items[i] for i in _batch_indices(step, len(items), cfg.batch_size, config.seed)]
-        a, b = forward(rm, tokenizer, batch)
-        value = pairwise_loss(a, b) if loss == "pairwise" else listwise_loss(a, b)
-        if not torch.isfinite(value):
+        stop_if_requested(f"reward ({loss})", step, lambda: save_progress(step), checkpoint_folder)
+        batch, real = uneven_shard([items[i] for i in _batch_indices(step, len(items), cfg.batch_size, config.seed)],
+                                   acc)
+        a, b = forward(model, tokenizer, batch)
+        total, count = pairwise_loss_sum(a, b) if loss == "pairwise" else listwise_loss_sum(a, b)
+        correct = float((a > b).sum()) if loss == "pairwise" else 0.0
+        if not real:  # an idle rank runs the same collectives and adds nothing
+            total, count, correct = total * 0.0, 0, 0.0
+        sums = dist.reduce_sum(torch.tensor([float(total.detach()), float(count), correct], dtype=torch.float64), acc)
+        value = float(sums[0]) / max(1.0, float(sums[1]))
+        if not math.isfinite(value):
             raise FloatingPointError(f"reward: non-finite loss at step {step + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
-        losses.append(float(value.detach()))
+        optimizer_p.zero_grad(set_to_none=True)
+        acc.backward(dist.global_mean_loss(total, count, acc))
+        optimizer_p.step()
+        losses.append(value)
         progress.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
+        if log_step is not None:
+            metrics = {"loss": value}
+            if loss == "pairwise":
+                metrics["accuracy"] = float(sums[2]) / max(1.0, float(sums[1]))
+            log_step(metrics, done)
         if done < total_steps and done % cfg.save_every == 0:
-            save_checkpoint(checkpoint_folder, models={CHECKPOINT_MODEL: rm},
-                            optimizers={CHECKPOINT_OPTIMIZER: optimizer},
-                            state={"step": done, "losses": losses, "fingerprint": fingerprint})
+            save_progress(done)
         if on_step is not None:
             on_step(done, losses[-1])
     progress.close()
 
-    rm.eval()
+    model.eval()
     eval_batch = max(cfg.batch_size, 32)
     train_subset = train_pairs
     if len(train_subset) > TRAIN_ACCURACY_MAX_PAIRS:
         pick = _epoch_order(len(train_subset), config.seed, -1)[:TRAIN_ACCURACY_MAX_PAIRS]
         train_subset = [train_subset[i] for i in sorted(pick)]
+    with dist.gathered_for_generation(model, acc) as rm:  # full weights on every rank for sharded scoring
+        summary = _evaluate_and_normalize(rm, tokenizer, config, train_subset, heldout_pairs, use_noise,
+                                          normalize_prompts, normalize_responses, eval_batch, acc)
     summary = {
         "loss": loss,
         "use_noise": use_noise,
@@ -392,24 +486,15 @@ def train_reward(config: ExperimentConfig, sft_folder: Path, pairs_path: Path, r
         "heldout_pairs": len(heldout_pairs),
         "heldout_prompts": len(heldout),
         "final_loss": float(np.mean(losses[-10:])),
-        "train_accuracy": _accuracy(rm, tokenizer, train_subset, False, eval_batch, cfg.max_length),
         "train_accuracy_pairs": len(train_subset),
-        "heldout_accuracy": _accuracy(rm, tokenizer, heldout_pairs, False, eval_batch, cfg.max_length),
+        **summary,
     }
-    if use_noise:
-        summary["heldout_accuracy_noised"] = _accuracy(rm, tokenizer, heldout_pairs, True, eval_batch, cfg.max_length)
-
-    if cfg.normalize and normalize_responses:
-        raw = score(rm, tokenizer, list(normalize_prompts), list(normalize_responses), eval_batch, cfg.max_length,
-                    normalized=False)
-        normalizer = fit_normalizer(raw)
-    else:
-        normalizer = {"gain": 1.0, "bias": 0.0, "reference_samples": 0}
-    rm.set_normalizer(normalizer["gain"], normalizer["bias"])
-    summary["normalizer"] = normalizer
-    rm.save_pretrained(out_folder)
-    _remove_checkpoint(checkpoint_folder)
+    # The normaliser was set on every rank's module (buffers are never sharded); the main process saves.
+    dist.save_full(model, acc, lambda m: m.save_pretrained(out_folder))
+    dist.save_on_main(lambda: _remove_checkpoint(checkpoint_folder), acc)
+    end_training(acc)
     summary["seconds"] = round(time.monotonic() - started, 3)
+    summary.update(stage_cost(summary["seconds"], acc.num_processes))
     summary["model"] = str(out_folder)
     log.info("reward (%s%s): %d steps, final loss %.4f, held-out accuracy %s", loss, " + noise" if use_noise else "",
              total_steps, summary["final_loss"], summary["heldout_accuracy"])

@@ -5,6 +5,16 @@ answer tokens of an optimizer step. Training is seeded and resumable: every ``sf
 trainable weights, optimizer, scheduler and RNG states go to ``<out>/checkpoint/``; the data order is a
 pure function of the seed and the step, so a resumed run continues exactly where it stopped.
 
+Distributed (``accelerate launch``, DDP or DeepSpeed ZeRO, see ``train.distributed``): ``sft.batch_size``
+is the GLOBAL batch; each step's examples are split contiguously across ranks (each used once), and
+the update follows the gradient of the summed answer-token loss over the GLOBAL token count, so N
+processes follow one process's trajectory. Only the main process writes (model, summary, checkpoint);
+a checkpoint holds the full trainable weights (gathered under ZeRO-3) and is loaded into the plain
+module before ``prepare`` on every rank. Under DeepSpeed the optimizer moments are not checkpointed
+(ZeRO partitions them): a resumed DeepSpeed run restarts them, one-process and DDP resumes are exact.
+LoRA under ZeRO-3 is refused (saving merges LoRA in place, which sharded weights do not allow; LoRA's
+few trainable weights gain nothing from ZeRO-3: use ZeRO-2 or DDP).
+
 Folder layout (``out`` = ``sft/`` for the main method, ``sft/baselines/<method>/`` for baselines):
 ``out/model/`` (a plain causal-LM folder), ``out/train_summary.json``, ``out/checkpoint/`` while training.
 ``sft/original/`` holds the untrained policy, evaluated as the "original" row.
@@ -14,11 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,11 +38,14 @@ from transformers import get_linear_schedule_with_warmup
 from ranking.atomic import write_json
 from ranking.errors import UserError
 
+from . import distributed as dist
 from . import peft_methods
 from .config import ExperimentConfig
 from .data import TaskData, load_task, prompt_markers
 from .models import atomic_folder, encode_prompt_response, init_policy, load_model, save_model
 from .rundir import RunDir
+from .signals import stop_if_requested
+from .stage_dist import begin_training, end_training, micro_batches, stage_cost
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +54,7 @@ CHECKPOINT = "checkpoint"
 
 
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return dist.is_main()
 
 
 def tokenize_examples(examples, tokenizer, block_size: int) -> list[tuple[list[int], int]]:
@@ -102,20 +115,26 @@ def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, module, optimizer, scheduler, step: int, meta: dict) -> None:
+def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], optimizer_state: dict | None, scheduler,
+                    step: int, meta: dict) -> None:
+    """Write the trainable ``weights`` (full, unsharded), optimizer and scheduler states and RNG state.
+
+    ``optimizer_state`` is None when the optimizer is partitioned (DeepSpeed): resume then restarts it."""
     with atomic_folder(folder) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in _trainable(module).items()},
-                  str(tmp / "trainable.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-                   tmp / "state.pt")
+        state = {"scheduler": scheduler.state_dict(), "rng": rng}
+        if optimizer_state is not None:
+            state["optimizer"] = optimizer_state
+        torch.save(state, tmp / "state.pt")
         write_json(tmp / "progress.json", {"step": step, **meta})
 
 
 def load_checkpoint(folder: Path, module, optimizer, scheduler, meta: dict) -> int:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns the step to continue from."""
+    """Restore a checkpoint written by :func:`save_checkpoint` into the plain (unprepared) ``module``
+    and torch ``optimizer``; returns the step to continue from."""
     progress = json.loads((folder / "progress.json").read_text())
     for key, value in meta.items():
         if progress.get(key) != value:
@@ -129,7 +148,10 @@ def load_checkpoint(folder: Path, module, optimizer, scheduler, meta: dict) -> i
         for name, p in params.items():
             p.copy_(weights[name].to(p.device, p.dtype))
     state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        log.warning("%s: no optimizer state (saved under DeepSpeed): the optimizer restarts", folder)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -140,11 +162,14 @@ def load_checkpoint(folder: Path, module, optimizer, scheduler, meta: dict) -> i
 # ----------------------------------------------------------------------------------------------- training
 
 def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method: str, out_folder: Path,
-              resume: bool = False, *, stop_after: int | None = None) -> dict:
+              resume: bool = False, *, stop_after: int | None = None,
+              log_step: Callable[[dict, int], None] | None = None) -> dict:
     """Fine-tune ``model`` with ``method`` on ``data.train``; save ``out_folder/model``; return a summary.
 
-    ``stop_after`` ends the loop after that many steps *without* a final checkpoint or model, exactly as a
-    killed job would (used to test resume).
+    Collective under a launcher: every rank calls it with the same arguments (the model on CPU or its
+    device; it is placed by ``prepare``). ``stop_after`` ends the loop after that many steps *without* a
+    final checkpoint or model, exactly as a killed job would (used to test resume). ``log_step(metrics,
+    step)`` receives each step's global loss and learning rate (every rank; the caller decides who logs).
     """
     out_folder = Path(out_folder)
     summary_path = out_folder / SUMMARY
@@ -160,15 +185,21 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
     summary = {"method": method, "steps": steps, "trainable_params": trainable,
                "total_params": sum(p.numel() for p in module.parameters()), "examples": n}
     if steps == 0:
-        save_model(module, tokenizer, out_folder / "model")
+        acc = dist.get_accelerator()
+        dist.save_on_main(lambda: save_model(module, tokenizer, out_folder / "model"), acc)
         summary.update(loss_first=None, loss_final=None, seconds=round(time.time() - started, 3))
-        write_json(summary_path, summary)
+        dist.save_on_main(lambda: write_json(summary_path, summary), acc)
         return summary
 
+    per_rank = sft.batch_size // max(1, dist.world_size())
+    acc = begin_training(sft.grad_accum, max(1, per_rank // sft.grad_accum))
+    if dist.zero_stage(acc) == 3 and method == "lora":
+        raise UserError("sft.method: 'lora' is not supported under DeepSpeed ZeRO-3 (saving merges LoRA into "
+                        "weights that ZeRO-3 shards); use ZeRO-2 or plain DDP for LoRA")
     features = tokenize_examples(data.train, tokenizer, sft.block_size)
-    device = next(module.parameters()).device
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=sft.lr, weight_decay=sft.weight_decay)
+    # Stepped by hand once per optimizer step (accelerate's scheduler wrapper would step it per process).
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(sft.warmup_ratio * steps), steps)
     meta = {"method": method, "steps": steps, "batch_size": sft.batch_size, "seed": config.seed, "examples": n}
     checkpoint = out_folder / CHECKPOINT
@@ -176,51 +207,79 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
     if resume and (checkpoint / "progress.json").is_file():
         start = load_checkpoint(checkpoint, module, optimizer, scheduler, meta)
         log.info("sft %s: resuming at step %d/%d", method, start, steps)
+        if acc.process_index:  # the checkpoint holds the main process's stream; others keep their own
+            torch.manual_seed(dist.per_rank_seed(config.seed + start, acc))
     else:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(dist.per_rank_seed(config.seed, acc))
+    model_p, optimizer_p = dist.prepare_trainable(acc, module, optimizer, micro_batch_size=max(1, per_rank // sft.grad_accum),
+                                                  max_grad_norm=sft.max_grad_norm)
+    device = acc.device
     losses: list[float] = []
-    micro = math.ceil(sft.batch_size / sft.grad_accum)
-    module.train()
+    model_p.train()
     bar = tqdm(total=steps, initial=start, desc=f"sft {method}", unit="step",
-               disable=not (is_main_process() and sys.stderr.isatty()))
+               disable=not (acc.is_main_process and sys.stderr.isatty()))
     for step in range(start, steps):
         if stop_after is not None and step >= stop_after:
             bar.close()
+            end_training(acc)
             return {**summary, "stopped_at": step}
-        indices = example_order(n, step, sft.batch_size, config.seed)
-        chunks = [indices[i:i + micro] for i in range(0, len(indices), micro)]
-        n_tokens = max(1, sum(_labelled(features[i]) for i in indices))
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for chunk in chunks:
+        stop_if_requested(f"sft {method}", step, lambda: _save_progress(checkpoint, model_p, optimizer, scheduler, step,
+                                                                        meta, acc), checkpoint)
+        indices = dist.shard_batch(example_order(n, step, sft.batch_size, config.seed), acc)
+        rank_tokens = sum(_labelled(features[i]) for i in indices)
+        step_loss = torch.zeros((), dtype=torch.float64)
+        lr = scheduler.get_last_lr()[0]
+        for chunk in micro_batches(indices, acc.gradient_accumulation_steps, "sft.batch_size"):
             batch = {k: v.to(device) for k, v in collate([features[i] for i in chunk], tokenizer.pad_token_id).items()}
-            loss_sum, _ = answer_token_loss_sum(module, batch)
-            (loss_sum / n_tokens).backward()
-            step_loss += loss_sum.item()
-        if not math.isfinite(step_loss):
-            raise RuntimeError(f"sft {method}: non-finite loss at step {step} (lower sft.lr?)")
-        if sft.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, sft.max_grad_norm)
-        optimizer.step()
+            with acc.accumulate(model_p):
+                loss_sum, _ = answer_token_loss_sum(model_p, batch)
+                acc.backward(dist.global_mean_loss(loss_sum, rank_tokens, acc))
+                if acc.sync_gradients and sft.max_grad_norm > 0:
+                    acc.clip_grad_norm_(model_p.parameters(), sft.max_grad_norm)  # DeepSpeed: clips in step
+                optimizer_p.step()
+                optimizer_p.zero_grad(set_to_none=True)
+            step_loss += loss_sum.detach().double().cpu()
         scheduler.step()
-        losses.append(step_loss / n_tokens)
+        global_tokens = float(dist.reduce_sum(float(rank_tokens), acc))
+        loss = float(dist.reduce_sum(step_loss, acc)) / max(1.0, global_tokens)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"sft {method}: non-finite loss at step {step} (lower sft.lr?)")
+        losses.append(loss)
+        if log_step is not None:
+            log_step({"loss": loss, "lr": lr}, step + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
         if done % sft.save_every == 0 and done < steps:
-            save_checkpoint(checkpoint, module, optimizer, scheduler, done, meta)
+            _save_progress(checkpoint, model_p, optimizer, scheduler, done, meta, acc)
     bar.close()
 
-    save_model(module, tokenizer, out_folder / "model")
+    dist.save_full(model_p, acc, lambda m: save_model(m, tokenizer, out_folder / "model"))
+    end_training(acc)
     tail = losses[-max(1, len(losses) // 10):]
+    seconds = round(time.time() - started, 3)
     summary.update(loss_first=losses[0] if losses else None, loss_final=sum(tail) / len(tail) if tail else None,
-                   resumed_from=start, seconds=round(time.time() - started, 3),
-                   loss_curve=_curve(losses, 50, start))
-    write_json(summary_path, summary)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+                   resumed_from=start, seconds=seconds, loss_curve=_curve(losses, 50, start),
+                   **stage_cost(seconds, acc.num_processes))
+
+    def finish() -> None:
+        write_json(summary_path, summary)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+    dist.save_on_main(finish, acc)
     log.info("sft %s: %d steps, loss %.4f -> %.4f, %d trainable params", method, steps,
              summary["loss_first"] or float("nan"), summary["loss_final"] or float("nan"), trainable)
     return summary
+
+
+def _save_progress(folder: Path, model, optimizer, scheduler, step: int, meta: dict, acc) -> None:
+    """Checkpoint from the main process: full trainable weights (gathered under ZeRO-3; collective)."""
+    names = set(_trainable(dist.unwrap(model, acc)))
+    state = dist.full_state_dict(model, acc)
+    # A partitioned (DeepSpeed) optimizer has no full state here; a plain torch one is the same on every rank.
+    optimizer_state = None if dist.uses_deepspeed(acc) else optimizer.state_dict()
+    dist.save_on_main(lambda: save_checkpoint(folder, {k: state[k] for k in sorted(names)}, optimizer_state,
+                                              scheduler, step, meta), acc)
 
 
 def _labelled(feature: tuple[list[int], int]) -> int:
@@ -243,24 +302,34 @@ def training_texts(data: TaskData) -> list[str]:
     return [f"{ex.prompt} {ex.target}" for ex in data.train]
 
 
-def run(config: ExperimentConfig, run: RunDir, resume: bool) -> dict:
-    """The SFT stage: save the untrained policy, then train the main method and each baseline."""
+def run(config: ExperimentConfig, run: RunDir, resume: bool,
+        log_step: Callable[[dict, int], None] | None = None) -> dict:
+    """The SFT stage: save the untrained policy, then train the main method and each baseline.
+
+    Collective under a launcher: the main process builds and saves the untrained policy, every rank
+    loads it. ``log_step(metrics, step)`` gets the main method's metrics as ``loss``/``lr`` and a
+    baseline's as ``<method>/loss``/``<method>/lr``."""
     stage = run.stage("sft")
     data = load_task(config.task)
     original = stage / "original"
     torch.manual_seed(config.seed)
-    if not (resume and (original / "config.json").is_file()):
+    acc = dist.get_accelerator()
+
+    def build_original() -> None:
         model, tokenizer = init_policy(config.model, training_texts(data), prompt_markers(config.task.prompt))
         save_model(model, tokenizer, original)
-        del model
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    if not (resume and (original / "config.json").is_file()):
+        dist.save_on_main(build_original, acc)
     jobs = [(config.sft.method, stage)]
     jobs += [(b, stage / "baselines" / b) for b in dict.fromkeys(config.sft.baselines) if b != config.sft.method]
     results = {}
     for method, out in jobs:
         model, tokenizer = load_model(original, config.model)
-        model.to(device)
-        results[method] = train_sft(config, data, model, tokenizer, method, out, resume)
+        prefix = "" if method == config.sft.method else f"{method}/"
+        hook = None if log_step is None else (
+            lambda metrics, step, prefix=prefix: log_step({prefix + k: v for k, v in metrics.items()}, step))
+        results[method] = train_sft(config, data, model, tokenizer, method, out, resume, log_step=hook)
         del model
     return {"method": config.sft.method, "model": "sft/model", "original": "sft/original",
             "baselines": {m: f"sft/baselines/{m}/model" for m, _ in jobs[1:]}, "runs": results}

@@ -1,0 +1,166 @@
+"""The SFT and reward stages under real multi-process launches, and the whole pipeline under accelerate.
+
+``dist_scripts/stage_train.py`` runs the real ``train_sft`` and ``train_reward`` on one prepared tiny
+world (policy without dropout, preference pairs). It is launched once with no launcher, once as 2
+processes of plain DDP (gloo, SFT with 2 accumulation steps per process) and once as 2 processes of
+DeepSpeed ZeRO-3, all at once (start-up dominates). Then ``selfrank run`` goes through every stage under
+``accelerate launch`` with 2 processes and W&B offline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.launch.test_tracking import history, offline_runs, read_records
+from tests.train.helpers import tiny_config, tiny_policy
+from tests.train.test_distributed import ACCELERATE, DS_CONFIG, REPO, finish, free_port, start, worker_env
+from tests.train.test_reward import write_preferences
+from train.config import TrackingConfig
+from train.models import load_model
+from train.reward_model import RewardModel
+
+WORKER = Path(__file__).resolve().parent / "dist_scripts" / "stage_train.py"
+COMMON = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+# Measured (4 SFT steps, 6 RM steps, AdamW), largest relative loss difference to one process:
+# SFT DDP (2 accumulation steps) 8.9e-8, ZeRO-3 1.1e-7; RM 2.6e-6 for both (float summation order).
+DDP_RTOL = 5e-5
+ZERO3_RTOL = 5e-5
+# Trained RM's raw reward on a probe text: measured 1.7e-3 relative (AdamW turns the tiny gradient
+# differences of near-converged weights into full-size steps); SFT weights: 4.6e-7 absolute.
+RM_OUTPUT_RTOL = 1e-2
+
+
+def ddp_cmd(*args: str) -> tuple[list[str], dict]:
+    # On CPU accelerate needs both ACCELERATE_USE_CPU (gloo) and --multi_gpu (a real process group).
+    return ([ACCELERATE, "launch", "--multi_gpu", *COMMON, "--main_process_port", str(free_port()), *args],
+            worker_env(ACCELERATE_USE_CPU="1"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("stages")
+    data = root / "data"
+    tiny_policy(data, seed=1)
+    write_preferences(data, n_prompts=10)
+    ds_config = root / "ds.json"
+    ds_config.write_text(json.dumps(DS_CONFIG))
+    worker = [str(WORKER), "--data", str(data)]
+    procs = {
+        "single": start([sys.executable, *worker, "--out", str(root / "single")], worker_env(), root / "single.log"),
+        "ddp": start(*ddp_cmd(*worker, "--out", str(root / "ddp"), "--grad-accum", "2"), root / "ddp.log"),
+        "zero3": start([ACCELERATE, "launch", "--use_deepspeed", "--deepspeed_config_file", str(ds_config), *COMMON,
+                        "--main_process_port", str(free_port()), *worker, "--out", str(root / "zero3")],
+                       worker_env(), root / "zero3.log"),
+    }
+    seconds = {}
+    for name, (proc, _) in procs.items():
+        _, seconds[name], _ = finish(proc, root / f"{name}.log", 300)
+    return {name: (root / name, json.loads((root / name / "result.json").read_text())) for name in procs}
+
+
+def losses(result: dict, stage: str) -> list[float]:
+    steps = [step for step, _ in result[stage]]
+    assert steps == list(range(1, len(steps) + 1)), steps  # one entry per optimizer step, in order
+    return [m["loss"] for _, m in result[stage]]
+
+
+def rel_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) and a
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b))
+
+
+def state(folder: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_model(folder)
+    return model.state_dict()
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_one_process_trajectory_and_save_loadable_models(runs):
+    _, one = runs["single"]
+    for kind, rtol in (("ddp", DDP_RTOL), ("zero3", ZERO3_RTOL)):
+        folder, two = runs[kind]
+        assert two["world_size"] == 2, kind
+        assert two["zero_stage"] == (3 if kind == "zero3" else 0)
+        assert len(losses(two, "sft")) == 4 and len(losses(two, "reward")) == 6
+        assert rel_diff(losses(one, "sft"), losses(two, "sft")) < rtol, (kind, one["sft"], two["sft"])
+        assert rel_diff(losses(one, "reward"), losses(two, "reward")) < rtol, (kind, one["reward"], two["reward"])
+        # Learning-rate schedule stepped once per optimizer step, not once per process.
+        assert [m["lr"] for _, m in two["sft"]] == [m["lr"] for _, m in one["sft"]]
+        # The reported metrics are global: both ranks logged the same reduced numbers.
+        first, second = two["sft_losses_per_rank"]
+        assert first == second == losses(two, "sft")
+        assert [m["accuracy"] for _, m in two["reward"]] == pytest.approx([m["accuracy"] for _, m in one["reward"]])
+        assert two["sft_summary"]["processes"] == 2 and two["rm_summary"]["processes"] == 2
+        assert two["rm_summary"]["heldout_accuracy"] == pytest.approx(one["rm_summary"]["heldout_accuracy"])
+        assert two["rm_summary"]["normalizer"]["reference_samples"] == one["rm_summary"]["normalizer"]["reference_samples"]
+        assert two["rm_summary"]["normalizer"]["gain"] == pytest.approx(one["rm_summary"]["normalizer"]["gain"], rel=1e-3)
+
+        # The saved folders load in this (one) process and hold the same weights as the one-process run's.
+        a, b = state(runs["single"][0] / "sft" / "model"), state(folder / "sft" / "model")
+        assert set(a) == set(b)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=f"{kind} {key}")
+        rm_one = RewardModel.from_pretrained(runs["single"][0] / "rm" / "model")
+        rm_two = RewardModel.from_pretrained(folder / "rm" / "model")
+        ids = torch.tensor([rm_one.tokenizer("<q> what does anna have ? <a> a red ball")["input_ids"]])
+        torch.testing.assert_close(rm_two(ids, torch.ones_like(ids)), rm_one(ids, torch.ones_like(ids)),
+                                   rtol=RM_OUTPUT_RTOL, atol=1e-4)
+        assert float(rm_two.gain) == pytest.approx(float(rm_one.gain), rel=1e-3)
+        assert not (folder / "sft" / "checkpoint").exists()  # removed by the main process on success
+    assert losses(one, "sft")[-1] < losses(one, "sft")[0]  # it trains
+    assert losses(one, "reward")[-1] < losses(one, "reward")[0]
+
+
+@pytest.mark.slow
+def test_selfrank_run_under_accelerate_with_two_processes_and_wandb(tmp_path):
+    config = tiny_config(tmp_path / "runs", name="dist-pipe",
+                         tracking=TrackingConfig(wandb="offline", project="selfrank-test"))
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    # The shipped CPU launcher config (2 processes, gloo), as the docs tell users to run it.
+    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
+           "--main_process_port", str(free_port()), "-m", "launch.cli", "run", str(config_path)]
+    env = worker_env(ACCELERATE_USE_CPU="1")
+    env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb-dir"), WANDB_DATA_DIR=str(tmp_path / "wandb-data"),
+               WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
+    env.pop("RANK", None)
+    proc, _ = start(cmd, env, tmp_path / "run.log")
+    _, seconds, text = finish(proc, tmp_path / "run.log", 240)
+
+    run_dir = tmp_path / "runs" / "dist-pipe"
+    for stage in ("sft", "sample", "reward", "ppo", "eval"):
+        summary = json.loads((run_dir / stage / "DONE.json").read_text())
+        assert summary["processes"] == 2 and summary["gpu_hours"] == 0.0, (stage, summary)
+        assert summary["working_processes"] == (2 if stage in ("sft", "reward") else 1)
+    for variant in config.variants:
+        assert json.loads((run_dir / "reward" / variant / "DONE.json").read_text())["processes"] == 2
+    assert (run_dir / "sft" / "model" / "model.safetensors").is_file()
+    load_model(run_dir / "sft" / "model")  # the saved folder loads in one process
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["name"] == "dist-pipe"
+    assert (run_dir / "eval" / "report.md").is_file()
+    assert text.count("## Paired differences") == 1  # the report is printed once, by the main process
+
+    # One W&B run (the main process's), with every stage's metrics and the sampled-answers table.
+    (wandb_file,) = offline_runs(run_dir)
+    records = list(read_records(wandb_file))
+    rows = history(records)
+    keys = set().union(*rows)
+    expected = {"sft/loss", "sft/lr", "sft/step", "reward/str/loss", "reward/str/accuracy", "reward/str_noise/loss",
+                "sample/pairs", "eval/sft/meteor", "eval/str/f1", "sample/answers/path"}
+    assert expected <= keys, sorted(expected - keys)
+    sft_steps = [r["sft/step"] for r in rows if "sft/loss" in r]
+    assert sft_steps == list(range(1, config.sft.max_steps + 1))
+    table_ref = next(r for r in rows if "sample/answers/path" in r)
+    table = json.loads((wandb_file.parent / "files" / table_ref["sample/answers/path"]).read_text())
+    assert "textrank_score" in table["columns"] and "role" in table["columns"]
+    assert len(table["data"]) == config.sample.max_prompts * config.sample.k
+    assert {row[table["columns"].index("role")] for row in table["data"]} & {"winner", "loser", "both"}
+    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert any(a.name == "eval-report" and "report.md" in [c.path for c in a.manifest.contents] for a in artifacts)
+    assert seconds < 150, seconds
