@@ -150,6 +150,9 @@ def _worker_main(conn, config: RankingConfig, seed: int) -> None:
             torch.set_num_threads(config.embedder.threads)
         ranker = Ranker(config, seed=seed)
         ranker.embedder  # load the model now, before reporting ready
+        # The first group pays for lazy imports (networkx, scipy: ~0.5 s): pay it with a throwaway group,
+        # so that a (re)started worker never holds real groups through it.
+        ranker.rank([{"id": "warm-up", "prompt": "warm up", "responses": ["warm up one", "warm up two"]}])
     except BaseException as exc:
         kind = "UserError" if isinstance(exc, UserError) else "error"
         try:

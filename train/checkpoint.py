@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ranking.atomic import naming_disk_full
 from ranking.errors import UserError
 
 CHECKSUMS = "checksums.json"
@@ -71,17 +72,26 @@ def save_checkpoint(folder: str | os.PathLike, *, models: dict[str, torch.nn.Mod
     staging = folder.with_name(folder.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name, model in models.items():
-        save_file(_model_tensors(model), str(staging / f"{name}.safetensors"))
-    torch.save({name: opt.state_dict() for name, opt in (optimizers or {}).items()}, staging / "optim.pt")
-    torch.save(rng_state(), staging / "rng.pt")
-    (staging / "state.json").write_text(json.dumps(state or {}, indent=2))
-    sums = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
-    (staging / CHECKSUMS).write_text(json.dumps(sums, indent=2))
-    for path in staging.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
+    try:
+        with naming_disk_full(folder):
+            for name, model in models.items():
+                save_file(_model_tensors(model), str(staging / f"{name}.safetensors"))
+            torch.save({name: opt.state_dict() for name, opt in (optimizers or {}).items()}, staging / "optim.pt")
+            torch.save(rng_state(), staging / "rng.pt")
+            (staging / "state.json").write_text(json.dumps(state or {}, indent=2))
+            sums = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+            (staging / CHECKSUMS).write_text(json.dumps(sums, indent=2))
+            for path in staging.iterdir():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # never leave a half-written copy beside the checkpoint
+        raise
     old = folder.with_name(folder.name + ".old")
+    if not folder.exists() and find_checkpoint(old) == old:
+        # A kill hit the last swap: the previous checkpoint lives only in ``.old``; put it back before
+        # anything deletes ``.old``, so that a valid checkpoint exists at every moment.
+        os.replace(old, folder)
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)

@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ranking.atomic import naming_disk_full
 from ranking.errors import UserError
 
 from .config import ModelConfig, TinyModelConfig
@@ -140,6 +141,24 @@ def load_causal_lm(name_or_path: str, model_cfg: ModelConfig) -> tuple[PreTraine
     return model, tokenizer
 
 
+def check_model_source(model_cfg: ModelConfig) -> None:
+    """Refuse a policy model that cannot be loaded, cheaply (folder check or config only), so that a
+    run can fail before it writes anything."""
+    if model_cfg.name == "tiny":
+        return
+    local = Path(model_cfg.name).expanduser()
+    if local.exists() or model_cfg.name.startswith((".", "/", "~")):
+        _check_local_folder(local)
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model_cfg.name, revision=model_cfg.revision,
+                                   trust_remote_code=model_cfg.trust_remote_code)
+    except Exception:  # the full load raises the UserError that explains what to do
+        load_causal_lm(model_cfg.name, model_cfg)
+
+
 def _ensure_pad(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     added = 0
     if tokenizer.eos_token is None:
@@ -196,7 +215,8 @@ def atomic_folder(folder: Path):
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        yield tmp
+        with naming_disk_full(folder):
+            yield tmp
         old = None
         if folder.exists():
             # A folder cannot be renamed over a non-empty one: move the old one aside first.

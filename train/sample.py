@@ -21,6 +21,7 @@ from ranking.config import RankingConfig
 
 from .config import ExperimentConfig
 from .rundir import RunDir
+from .signals import stop_if_requested
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool) -> dict:
     if not resume:
         progress_path.unlink(missing_ok=True)
     done = _load_progress(progress_path)
+    if progress_path.is_file():  # drop a torn last line (a kill mid-write): new rows start on their own line
+        write_jsonl(progress_path, done.values())
 
     data = load_task(config.task)
     examples = data.train[: config.sample.max_prompts] if config.sample.max_prompts else data.train
@@ -111,6 +114,7 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool) -> dict:
         ranker = None if pool else Ranker(ranking)
         try:
             for index, batch in enumerate(tqdm(batches, desc="sample+rank", unit="batch")):
+                stop_if_requested("sample", index, None, progress_path)  # the progress file is the checkpoint
                 todo = [ex for ex in batch if ex.id not in done]
                 if not todo:
                     continue
