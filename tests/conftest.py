@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -16,6 +17,15 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("NLTK_DATA", str(REPO / ".cache" / "nltk_data"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+import transformers  # noqa: E402
+
+transformers.utils.logging.set_verbosity_error()  # per-save "layers were not sharded" notices
+transformers.utils.logging.disable_progress_bar()  # per-load weight bars
+
+# Tiny models run fastest on one intra-op thread, and a second thread contends with ranking workers.
+torch.set_num_threads(int(os.environ.get("SELFRANK_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

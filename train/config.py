@@ -27,10 +27,17 @@ class SyntheticTaskConfig:
     n_validation: int = 200
     n_test: int = 300
     seed: int = 1234
+    # Share of training targets replaced by a wrong answer of the same type (see synthetic.add_label_noise):
+    # noisy supervision is what sample agreement repairs, so the STR signal has something to fix.
+    label_noise: float = 0.35
+    # People in the task's fixed world (4 facts each): fewer people, more examples per fact.
+    people: int = 12
 
     def __post_init__(self):
         for name in ("n_train", "n_validation", "n_test"):
             check_range(f"task.synthetic.{name}", getattr(self, name), 1)
+        check_range("task.synthetic.label_noise", self.label_noise, 0.0, 0.9)
+        check_range("task.synthetic.people", self.people, 2, 20)
 
 
 @dataclass
@@ -228,6 +235,9 @@ class PPOConfig:
     # model's shards in CPU memory (they are only read once per rollout); ignored elsewhere.
     offload_reference: bool = False
     offload_reward: bool = False
+    # ZeRO-3 rollouts: gather the actor's full weights on every rank for generate() (fast; one full
+    # copy per rank) or keep them sharded and gather layer by layer per token (slow, low memory).
+    gather_for_generation: bool = True
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "samples_per_prompt", "ppo_epochs", "minibatches", "max_new_tokens",
@@ -292,7 +302,7 @@ class ExperimentConfig:
     name: str = "demo"
     seed: int = 0
     output_dir: str = "runs"
-    torch_threads: int | None = None
+    torch_threads: int | None = None  # intra-op threads of the trainer process (None: torch's default)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -306,6 +316,8 @@ class ExperimentConfig:
 
     def __post_init__(self):
         import re
+        if self.torch_threads is not None:
+            check_range("torch_threads", self.torch_threads, 1)
         if not self.variants:
             raise UserError("variants: name at least one of " + ", ".join(VARIANTS))
         for v in self.variants:

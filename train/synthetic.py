@@ -38,10 +38,10 @@ COUNTED = ("apples", "coins", "cards", "shells", "stamps", "eggs")
 KINDS = ("fact", "fact", "add")
 
 
-def make_world(seed: int) -> dict[str, dict[str, str]]:
+def make_world(seed: int, people: int = len(NAMES)) -> dict[str, dict[str, str]]:
     """person -> attribute -> value, fixed for the task (the knowledge the model must learn)."""
     rng = random.Random(f"world-{seed}")
-    return {p: {a: rng.choice(spec[4]) for a, spec in ATTRIBUTES.items()} for p in NAMES}
+    return {p: {a: rng.choice(spec[4]) for a, spec in ATTRIBUTES.items()} for p in NAMES[:people]}
 
 
 def _fact(rng: random.Random, world: dict[str, dict[str, str]]) -> tuple[str, str, str, str]:
@@ -50,12 +50,12 @@ def _fact(rng: random.Random, world: dict[str, dict[str, str]]) -> tuple[str, st
     The answer is not in the prompt: it is world knowledge learnt in training, as in closed-book QA, so
     a partly trained model knows some facts and guesses among same-type values for the rest.
     """
-    person = rng.choice(NAMES)
+    person = rng.choice(list(world))
     asked = rng.choice(list(ATTRIBUTES))
     others = rng.sample([a for a in ATTRIBUTES if a != asked], rng.randint(1, 2))
     facts = [ATTRIBUTES[a][2].format(p=person, v=world[person][a]) for a in others]
     # A true fact about someone else, so that the name in the question must be matched, not just any name.
-    other = rng.choice([n for n in NAMES if n != person])
+    other = rng.choice([n for n in world if n != person])
     other_attr = rng.choice(list(ATTRIBUTES))
     facts.insert(rng.randint(0, len(facts)), ATTRIBUTES[other_attr][2].format(p=other, v=world[other][other_attr]))
     context = " ".join(facts)
@@ -86,10 +86,39 @@ def make_example(rng: random.Random, index: int, split: str, fmt: PromptFormat,
                    meta={"kind": kind, "detail": detail, "group": f"{split}-{index}"})
 
 
+def wrong_answer(rng: random.Random, example: Example, world: dict[str, dict[str, str]]) -> str:
+    """A plausible wrong answer of the same type: another value of the asked attribute, or a near sum."""
+    if example.meta["kind"] == "add":
+        number, thing = example.target.split(" ", 1)
+        wrong = int(number) + rng.choice([-3, -2, -1, 1, 2, 3])
+        return f"{max(wrong, 0)} {thing}"  # sums are >= 2, so the clamp never hits the true answer
+    spec = ATTRIBUTES[example.meta["detail"]]
+    values = [v for v in spec[4] if spec[3].format(v=v) != example.target]
+    return spec[3].format(v=rng.choice(values))
+
+
+def add_label_noise(examples: list[Example], share: float, seed: int, world: dict[str, dict[str, str]]) -> int:
+    """Replace the training target of a ``share`` of examples by a wrong answer of the same type.
+
+    Why: this is the situation self-consistency repairs. A model fitted to noisy answers keeps the
+    right one as its most likely answer while spreading the rest of its mass over many different wrong
+    ones, so a single sample is often wrong but the centre of K samples is usually right. References
+    (what evaluation scores against) stay the true answers. Returns how many targets were replaced."""
+    rng = random.Random(f"noise-{seed}")
+    changed = 0
+    for ex in examples:
+        if rng.random() < share:
+            ex.target = wrong_answer(rng, ex, world)
+            ex.meta["noisy_target"] = True
+            changed += 1
+    return changed
+
+
 def make_task(cfg: SyntheticTaskConfig, fmt: PromptFormat) -> TaskData:
-    """Seeded train/validation/test examples; a prompt that occurs in train is never reused later."""
+    """Seeded train/validation/test examples; a prompt that occurs in train is never reused later.
+    Only the training targets carry label noise (``cfg.label_noise``)."""
     rng = random.Random(cfg.seed)
-    world = make_world(cfg.seed)
+    world = make_world(cfg.seed, cfg.people)
     seen: set[str] = set()
     splits = {}
     for split, count in (("train", cfg.n_train), ("validation", cfg.n_validation), ("test", cfg.n_test)):
@@ -107,6 +136,8 @@ def make_task(cfg: SyntheticTaskConfig, fmt: PromptFormat) -> TaskData:
             seen.add(ex.prompt)
             examples.append(ex)
         splits[split] = examples
+    if cfg.label_noise > 0:
+        add_label_noise(splits["train"], cfg.label_noise, cfg.seed, world)
     return TaskData(splits["train"], splits["validation"], splits["test"])
 
 

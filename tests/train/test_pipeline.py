@@ -1,0 +1,37 @@
+"""The whole pipeline in one process on the tiny test config: every stage's outputs, skip on rerun."""
+from __future__ import annotations
+
+import json
+
+from tests.train.helpers import tiny_config
+from train.config import SFTConfig
+from train.pipeline import eval_rows, run_pipeline
+from train.rundir import RunDir
+
+
+def test_full_pipeline_writes_every_stage_and_skips_complete_ones(tmp_path, capsys):
+    config = tiny_config(tmp_path, name="e2e", sft=SFTConfig(lr=1e-3, batch_size=8, max_steps=4, block_size=64,
+                                                              baselines=["bitfit"]))
+    summaries = run_pipeline(config)
+    run = RunDir(tmp_path / "e2e")
+    for stage in ("sft", "sample", "reward", "reward/str", "reward/str_noise", "ppo", "ppo/str", "ppo/str_noise",
+                  "eval"):
+        assert run.is_done(stage), stage
+    assert (run.root / "config.yaml").is_file()
+    assert (run.root / "sft" / "original" / "model.safetensors").is_file()
+    assert (run.root / "sft" / "baselines" / "bitfit" / "model" / "model.safetensors").is_file()
+    ranked = [json.loads(line) for line in (run.root / "sample" / "ranked.jsonl").read_text().splitlines()]
+    assert len(ranked) == config.sample.max_prompts
+    assert all(len(group["responses"]) == config.sample.k for group in ranked)
+    pairs = (run.root / "sample" / "pairs.jsonl").read_text().splitlines()
+    assert len(pairs) == summaries["sample"]["pairs"]
+    assert (run.root / "ppo" / "str" / "actor" / "model.safetensors").is_file()
+    report = json.loads((run.root / "eval" / "report.json").read_text())
+    assert list(report["rows"]) == ["original", "sft", "bitfit", "str", "str_noise"]
+    assert [name for name, _ in eval_rows(config, run)] == list(report["rows"])
+    assert "| STR + noise |" in capsys.readouterr().out  # the report table is printed at the end
+
+    stamps = {p: p.stat().st_mtime_ns for p in run.root.rglob("DONE.json")}
+    again = run_pipeline(config)
+    assert {p: p.stat().st_mtime_ns for p in run.root.rglob("DONE.json")} == stamps
+    assert again["eval"]["rows"] == summaries["eval"]["rows"]
