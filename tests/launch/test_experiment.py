@@ -1,0 +1,37 @@
+"""The experiment grid end to end on one real-data task, one seed, tiny sizes (the CI smoke variant)."""
+from __future__ import annotations
+
+import json
+
+from launch.experiment import GridConfig, run_grid
+
+
+def test_grid_smoke_on_real_squad(tmp_path, repo_root, shared_data, monkeypatch):
+    monkeypatch.chdir(repo_root)  # the task configs name ../shared/data relative to the repository
+    tiny = ["task.max_train=48", "task.max_validation=8", "task.max_test=12", "sft.max_steps=3",
+            "sft.batch_size=8", "sft.baselines=[bitfit]", "sample.max_prompts=6", "sample.k=4",
+            "sample.async_ranking=false", "ranking.embedder.name=lexical", "reward.max_steps=3",
+            "reward.batch_size=4", "ppo.steps=2", "ppo.batch_size=4", "ppo.max_new_tokens=6",
+            "eval.max_examples=12", "eval.max_new_tokens=6", "eval.bootstrap=50", "eval.agreement_groups=2",
+            "model.tiny.vocab_size=400", "variants=[str, str_noise]"]
+    doc = tmp_path / "RESULTS.md"
+    grid = GridConfig(name="smoke", tasks=["configs/tiny_squad_v2.yaml"], seeds=[3], overrides=tiny,
+                      output_dir=str(tmp_path), results_doc=str(doc), command="selfrank experiment smoke.yaml",
+                      bootstrap=50)
+    results = run_grid(grid)
+    pooled = results["tasks"]["tiny_squad_v2"]
+    assert list(pooled["rows"]) == ["original", "sft", "bitfit", "str", "str_noise"]
+    for row in pooled["rows"].values():
+        for cell in row["metrics"].values():
+            assert cell["low"] <= cell["mean"] <= cell["high"]
+    ledger = results["ledgers"]["tiny_squad_v2"][0]
+    sample = json.loads((tmp_path / "smoke" / "tiny_squad_v2-s3" / "sample" / "DONE.json").read_text())
+    assert ledger["pairs"] == sample["pairs"] > 0
+    assert ledger["crowd_cost"] == ledger["pairs"] * 3 * 0.10
+    text = doc.read_text()
+    assert "selfrank experiment smoke.yaml" in text and "| STR + noise |" in text and "Cost ledger" in text
+    assert (tmp_path / "smoke" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Rerunning reuses every completed stage.
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "smoke").rglob("DONE.json")}
+    run_grid(grid)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "smoke").rglob("DONE.json")} == stamps
