@@ -96,6 +96,25 @@ def sample_rows(groups: Iterable[dict], rewards: dict[tuple[str, int], float] | 
     return rows
 
 
+# After a kill, the dead process's W&B service can hold its run open for a while: a resumed job waits
+# for it rather than forking the run's history.
+RUN_IN_USE_WAIT_S = 60.0
+
+
+def _init_with_retry(wandb, identifier: str, settings: dict):
+    import time
+
+    deadline = time.monotonic() + RUN_IN_USE_WAIT_S
+    while True:
+        try:
+            return wandb.init(id=identifier, **settings)
+        except Exception as exc:  # wandb raises its own error types, which differ by version
+            if "in use" not in str(exc) or time.monotonic() > deadline:
+                raise
+            logger.info("W&B run %s is still held by a previous process; waiting", identifier)
+            time.sleep(2.0)
+
+
 class Tracker:
     """Logs one run to W&B. Build it with ``Tracker.open``; a disabled tracker ignores every call."""
 
@@ -131,11 +150,10 @@ class Tracker:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         identifier = run_id(run_dir, resume)
-        run = wandb.init(
+        settings = dict(
             project=config.tracking.project,
             entity=config.tracking.entity,
             name=config.name,
-            id=identifier,
             resume="allow",
             dir=str(run_dir),
             mode=mode,
@@ -144,6 +162,7 @@ class Tracker:
             # the job's own logs already keep the console.
             settings=wandb.Settings(console="off", silent=True),
         )
+        run = _init_with_retry(wandb, identifier, settings)
         logger.info("W&B %s run %s in %s", mode, run.id, run_dir)
         return cls(run)
 
