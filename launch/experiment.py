@@ -124,22 +124,26 @@ def cost_ledger(run_dir: Path, annotation: AnnotationCost) -> dict:
             "price_per_comparison": annotation.price_per_comparison}
 
 
+def _mean_of(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
 def _agreement_lines(agreements: list[dict | None]) -> list[str]:
+    """Exact-order match and Kendall tau per scorer and filter, averaged over the seeds' studies."""
     present = [a for a in agreements if a]
     if not present:
         return ["(no ranking-agreement study in these runs)"]
-    lines = ["| scorer | filter | exact-order match | chance | Kendall tau | groups |", "|---|---|---|---|---|---|"]
-    scorers = present[0].get("scorers", {})
-    for scorer, filters in scorers.items():
-        for filt, first in filters.items():
-            if not isinstance(first, dict) or "exact_match" not in first:
-                continue
-            vals = [a["scorers"][scorer][filt] for a in present if scorer in a["scorers"]]
-            match = np.mean([v["exact_match"]["mean"] for v in vals])
-            chance = np.mean([v.get("chance", float("nan")) for v in vals])
-            tau = np.mean([v["kendall_tau"]["mean"] for v in vals])
-            groups = sum(int(v.get("n_groups", 0)) for v in vals)
-            lines.append(f"| {scorer} | {filt} | {match * 100:.1f}% | {chance * 100:.1f}% | {tau:.3f} | {groups} |")
+    pct = lambda v: "n/a" if v is None else f"{v * 100:.1f}%"  # noqa: E731
+    lines = ["| scorer | answers | exact-order match | chance | Kendall tau | groups |", "|---|---|---|---|---|---|"]
+    for scorer, filters in present[0].get("scorers", {}).items():
+        for filt in filters:
+            cells = [a["scorers"][scorer][filt] for a in present if scorer in a.get("scorers", {})]
+            tau = _mean_of([c.get("kendall_tau") for c in cells])
+            lines.append(f"| {scorer} | {'ISODATA representatives' if filt == 'isodata' else 'all'} | "
+                         f"{pct(_mean_of([c.get('exact_match') for c in cells]))} | "
+                         f"{pct(_mean_of([c.get('chance') for c in cells]))} | "
+                         f"{'n/a' if tau is None else f'{tau:.3f}'} | {sum(int(c.get('n_groups', 0)) for c in cells)} |")
     return lines
 
 

@@ -66,17 +66,6 @@ def _batch_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
-def prompt_budget(model, max_new_tokens: int) -> int | None:
-    """Prompt tokens that fit beside ``max_new_tokens`` in the model's context (long SQuAD contexts
-    lose their oldest tokens); None when the model states no limit."""
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return None
-    if limit <= max_new_tokens:
-        raise UserError(f"eval.max_new_tokens: {max_new_tokens} leaves no room for the prompt in a {limit}-token model")
-    return limit - max_new_tokens
-
-
 def answer_examples(config: ExperimentConfig, folder: Path, prompts: Sequence[str], desc: str) -> list[str]:
     """One answer per prompt from the model in ``folder``, with ``config.eval`` decoding."""
     from .generation import generate
@@ -85,15 +74,13 @@ def answer_examples(config: ExperimentConfig, folder: Path, prompts: Sequence[st
     ev = config.eval
     model, tokenizer = load_model(Path(folder), config.model)
     model.to(_device()).eval()
-    budget = prompt_budget(model, ev.max_new_tokens)
     texts: list[str] = []
     with tqdm(total=len(prompts), desc=desc, unit="example") as bar:
         for index, start in enumerate(range(0, len(prompts), ev.batch_size)):
             chunk = list(prompts[start:start + ev.batch_size])
             generation = generate(model, tokenizer, chunk, n=1, do_sample=ev.do_sample, temperature=ev.temperature,
                                   top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
-                                  seed=_batch_seed(ev.seed, index), batch_size=ev.batch_size,
-                                  max_prompt_length=budget)
+                                  seed=_batch_seed(ev.seed, index), batch_size=ev.batch_size)
             texts.extend(t.strip() for t in generation.texts)
             bar.update(len(chunk))
     del model, tokenizer
@@ -138,14 +125,13 @@ def agreement_groups(config: ExperimentConfig, sft_folder: Path, examples: Seque
 
     model, tokenizer = load_model(Path(sft_folder), config.model)
     model.to(_device()).eval()
-    budget = prompt_budget(model, ev.max_new_tokens)
     texts: list[str] = []
     per_call = max(1, ev.batch_size // k)
     for index, start in enumerate(tqdm(range(0, count, per_call), desc="agreement samples", unit="batch")):
         generation = generate(model, tokenizer, prompts[start:start + per_call], n=k, do_sample=True,
                               temperature=config.sample.temperature, top_p=config.sample.top_p,
                               max_new_tokens=ev.max_new_tokens, seed=_batch_seed(ev.seed + 1, index),
-                              batch_size=ev.batch_size, max_prompt_length=budget)
+                              batch_size=ev.batch_size)
         texts.extend(t.strip() for t in generation.texts)
     del model, tokenizer
     _free_memory()

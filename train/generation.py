@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ranking.errors import UserError
+
 from .models import prompt_token_ids
 
 
@@ -61,22 +63,40 @@ def _seeded(seed: int | None, device: torch.device):
         yield
 
 
+def prompt_budget(model, max_new_tokens: int) -> int | None:
+    """Prompt tokens that fit beside ``max_new_tokens`` in the model's context (long SQuAD contexts
+    lose their oldest tokens); None when the model states no limit."""
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    if limit <= max_new_tokens:
+        raise UserError(f"max_new_tokens: {max_new_tokens} leaves no room for the prompt in a {limit}-token model")
+    return limit - max_new_tokens
+
+
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, n: int = 1,
              do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 32,
-             seed: int | None = None, batch_size: int = 32, max_prompt_length: int | None = None) -> Generation:
+             seed: int | None = None, batch_size: int = 32, max_prompt_length: int | None = None,
+             generate_kwargs: dict | None = None) -> Generation:
     """Generate ``n`` responses per prompt; sample ``j`` of prompt ``i`` is row ``i * n + j``.
 
     ``batch_size`` counts sequences (rows) per ``model.generate`` call. Prompts are tokenized exactly as
     ``encode_prompt_response`` does and cut from the left to ``max_prompt_length`` tokens. Sampling is
     plain temperature / nucleus sampling (top-k off) so that its distribution matches the log-probs
-    PPO recomputes. With ``seed`` the result is reproducible for the same inputs and batch size.
+    PPO recomputes. ``max_prompt_length`` defaults to what fits beside ``max_new_tokens`` in the model's
+    context (``prompt_budget``), so long prompts lose their oldest tokens instead of overflowing.
+    With ``seed`` the result is reproducible for the same inputs and batch size.
     The model runs in eval mode (dropout off) under ``no_grad``; its previous mode is restored.
+    ``generate_kwargs`` go to every ``model.generate`` call as they are (``logits_processor``,
+    ``synced_gpus``...).
     """
     if n < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError("n, batch_size and max_new_tokens must be >= 1")
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     if pad_id is None or eos_id is None:
         raise ValueError("the tokenizer needs a pad and an EOS token (see train.models.load_causal_lm)")
+    if max_prompt_length is None:
+        max_prompt_length = prompt_budget(model, max_new_tokens)
     rows = []
     for prompt in prompts:
         ids = prompt_token_ids(tokenizer, prompt)
@@ -101,7 +121,8 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
             for start in range(0, len(rows), batch_size):
                 ids = query_ids[start:start + batch_size].to(device)
                 mask = query_mask[start:start + batch_size].to(device)
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config,
+                                     **(generate_kwargs or {}))
                 chunks.append(out[:, ids.shape[1]:].cpu())
     finally:
         model.train(was_training)

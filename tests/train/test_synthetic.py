@@ -13,6 +13,21 @@ from train.synthetic import ATTRIBUTES, KINDS, is_correct, make_task, make_world
 from .helpers import tiny_config, tiny_policy
 
 
+def test_label_noise_only_in_training_targets():
+    cfg = SyntheticTaskConfig(n_train=600, n_validation=60, n_test=60, seed=5, label_noise=0.3)
+    data = make_task(cfg, PromptFormat())
+    noisy = [ex for ex in data.train if ex.meta.get("noisy_target")]
+    assert 0.22 < len(noisy) / len(data.train) < 0.38  # binomial(600, 0.3): +-4 standard deviations
+    for ex in noisy:
+        assert not is_correct(ex.target, ex)  # wrong, and of the same type as the true answer
+        assert len(ex.target.split()) == len(ex.references[0].split())
+    assert all(ex.target == ex.references[0] for ex in data.train if not ex.meta.get("noisy_target"))
+    assert all(ex.target == ex.references[0] for ex in data.validation + data.test)
+    clean = make_task(SyntheticTaskConfig(n_train=600, n_validation=60, n_test=60, seed=5, label_noise=0.0),
+                      PromptFormat())
+    assert [e.prompt for e in clean.train] == [e.prompt for e in data.train]  # noise never moves prompts
+
+
 def test_deterministic_distinct_and_checkable():
     cfg = SyntheticTaskConfig(n_train=300, n_validation=60, n_test=60, seed=5)
     a, b = make_task(cfg, PromptFormat()), make_task(cfg, PromptFormat())
@@ -22,19 +37,20 @@ def test_deterministic_distinct_and_checkable():
     prompts = [e.prompt for split in (a.train, a.validation, a.test) for e in split]
     assert len(prompts) == len(set(prompts))  # no prompt is shared within or across splits
     assert collections.Counter(e.meta["kind"] for e in a.train) == {k: KINDS.count(k) * 100 for k in set(KINDS)}
-    world = make_world(5)
+    world = make_world(5, cfg.people)
     for ex in a.train:
+        truth = ex.references[0]
         assert ex.prompt.startswith("<c> ") and " <q> " in ex.prompt and ex.prompt.endswith(" <a>")
-        assert is_correct(f"  {ex.target.upper()} ", ex) and not is_correct(ex.target + " x", ex)
+        assert is_correct(f"  {truth.upper()} ", ex) and not is_correct(truth + " x", ex)
         if ex.meta["kind"] == "add":
             words = ex.prompt.split()
             person = words[words.index("does") + 1]
             have = [int(words[i + 2]) for i in range(len(words) - 2) if words[i] == person and words[i + 1] == "has"]
             more = [int(words[i + 2]) for i in range(len(words) - 2) if words[i] == person and words[i + 1] == "gets"]
-            assert int(ex.target.split()[0]) == have[0] + more[0]
+            assert int(truth.split()[0]) == have[0] + more[0]
         else:
             # the answer is the world's value for the asked person and attribute, not stated in the prompt
-            value = ex.target.split()[-1]
+            value = truth.split()[-1]
             person = next(w for w in ex.prompt.split(" <q> ")[1].split() if w in world)
             assert value == world[person][ex.meta["detail"]] and value in ATTRIBUTES[ex.meta["detail"]][4]
 
