@@ -5,8 +5,8 @@ are skipped (``force`` redoes them), ``resume`` continues a stage from its last 
 and PPO stages train one model per STR variant (``reward/<variant>/``, ``ppo/<variant>/``).
 
 Under ``accelerate launch`` (``accelerate launch -m launch.cli run CONFIG``) every process runs this
-function. The sft and reward stages are collective (sharded global batches, see ``train.distributed``);
-the sample, ppo and eval stages run on the main process only for now while the other processes wait
+function. The sft, reward and ppo stages are collective (sharded global batches, see ``train.distributed``);
+the sample and eval stages run on the main process only for now while the other processes wait
 at a barrier without a deadline (a stage may take hours; if the main process dies the launcher stops
 the rest). Only the main process writes ``config.yaml`` and the ``DONE.json`` summaries; each summary
 records ``processes`` (the world size) and ``gpu_hours`` (processes x hours on CUDA, else 0).
@@ -40,7 +40,7 @@ from .signals import stop_if_requested
 log = logging.getLogger(__name__)
 
 # Stages that run on the main process only (the others wait): not yet sharded across processes.
-MAIN_ONLY_STAGES = ("sample", "ppo", "eval")
+MAIN_ONLY_STAGES = ("sample", "eval")
 # Waiting for a main-only stage has no practical deadline (the process group's own timeout is minutes).
 _WAIT_TIMEOUT = timedelta(days=30)
 
@@ -172,14 +172,16 @@ def _stage_ppo(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks
         rm_folder = run.require(f"reward/{variant}") / "model"
         _, _, online = VARIANT_SETTINGS[variant]
         seed_everything(config.seed)
-        pool = RankingPool(config.ranking, workers=config.sample.workers) if online else None
+        # PPO is collective (train.ppo); the ranking pool lives on the main process only.
+        pool = RankingPool(config.ranking, workers=config.sample.workers) if online and dist.is_main() else None
         try:
             summary = train_ppo(config, prompts, sft_model, rm_folder, run.stage(stage), resume=resume,
                                 ranking_pool=pool, online_rm=online)
         finally:
             if pool is not None:
                 pool.close()
-        run.mark_done(stage, summary)
+        if dist.is_main():
+            run.mark_done(stage, summary)
         summaries[variant] = summary
     return {"variants": summaries}
 

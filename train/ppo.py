@@ -3,21 +3,45 @@
 Models: the actor (the SFT causal LM, dropout off), a frozen reference copy of it, the frozen reward
 model, and a critic initialised from the reward model (``train/value_model.py``). One step:
 
-1. take ``batch_size`` prompts in a seeded order (the position in that order is checkpointed);
-2. roll out: sample ``samples_per_prompt`` answers each, then, without gradients, recompute the actor's
-   and the reference's log-probs, the RM score and the critic's values (``collect_rollout``);
+1. take ``batch_size`` prompts (the GLOBAL batch) in a seeded order (the position is checkpointed);
+2. roll out: each process samples ``samples_per_prompt`` answers for its contiguous share of the
+   prompts, then, without gradients, recomputes the actor's and the reference's log-probs, the RM
+   score and the critic's values (``collect_rollout``); the shares are gathered (``gather_rollout``)
+   so every process holds the whole batch's rollout tensors;
 3. shape the reward: missing-EOS penalty, per-token KL penalty, optional reward whitening; GAE;
-   advantage whitening;
-4. ``ppo_epochs`` x ``minibatches`` updates of actor (clipped ratio) and critic (clipped value loss)
-   with separate AdamW optimisers and gradient clipping (``ppo_update``);
+   advantage whitening, all over the whole batch;
+4. ``ppo_epochs`` x ``minibatches`` updates of actor (clipped ratio) and critic (clipped value loss),
+   each minibatch split across processes (``ppo_update``);
 5. log, hand the rollout groups to the ranking pool, refresh the RM (online variant), checkpoint.
 
+Distributed (``accelerate launch``: DDP, or DeepSpeed ZeRO-2/3; see ``train.distributed``). The run
+follows one process's trajectory up to float summation order, whatever the number of processes:
+
+* sampling is seeded per answer (``seed, step, position in the global batch, sample index``) by
+  :class:`RowSeededSampler`, so an answer does not depend on which process drew it;
+* the rollout tensors are small next to the models, so they are all-gathered: whitening, GAE, reward
+  statistics, the KL controller and the logged metrics see the same global batch on every process,
+  and every minibatch is the same global set of episodes as in a one-process run, cut contiguously
+  across processes; losses are sums over this process's tokens divided by the GLOBAL token count;
+* actor and critic are ONE prepared module (``PolicyAndValue``) with ONE optimizer whose two parameter
+  groups carry the actor and critic learning rates: accelerate makes one DeepSpeed engine per job,
+  and AdamW's update is per parameter, so one optimizer with two groups equals two optimizers;
+* the reference and reward models go through ``prepare_frozen`` (ZeRO-3 inference engines under
+  ZeRO-3, optionally offloaded: ``ppo.offload_reference`` / ``ppo.offload_reward``);
+* generation under ZeRO-3 gathers the actor's weights (``ppo.gather_for_generation``).
+
+Gradient clipping: the actor's and the critic's gradients are clipped separately to ``max_grad_norm``
+(0 = off), except under DeepSpeed, whose engine clips the whole module's gradient with one norm.
+
 The maths lives in ``train/ppo_math.py``; each trick is named where it is used. A checkpoint holds
-everything the next step depends on (weights, optimisers, KL controller, RNG states, data position),
-so ``resume=True`` continues exactly where the run stopped.
+everything the next step depends on (weights, optimizer, KL controller, RNG states, data position),
+written by the main process with full (gathered) weights, so ``resume=True`` continues exactly where
+the run stopped, on any number of processes. Under DeepSpeed the optimizer moments are partitioned and
+not checkpointed: a resumed DeepSpeed run restarts them (one-process and DDP resumes are exact).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,13 +56,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_model as load_safetensors_model
-from safetensors.torch import save_model as save_safetensors_model
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from ranking.atomic import write_jsonl
 from ranking.engine import stable_seed
 from ranking.errors import UserError
 
+from . import distributed as dist
 from .config import ExperimentConfig, PPOConfig
 from .generation import generate
 from .models import load_model, save_model
@@ -50,13 +76,13 @@ from .ppo_math import (
     entropy_from_logits,
     gae,
     logprobs_from_logits,
-    masked_mean,
     masked_whiten,
     per_token_kl,
-    policy_loss,
-    value_loss,
+    policy_loss_terms,
+    value_loss_terms,
 )
 from .reward_model import RewardModel, atomic_folder, disable_dropout, position_ids_from_mask
+from .stage_dist import begin_training, end_training, stage_cost
 from .value_model import ValueModel
 
 log = logging.getLogger(__name__)
@@ -65,7 +91,8 @@ CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "log.jsonl"
 # Settings that may change between an interrupted run and its resumption (the rest must not).
-_RESUMABLE_CHANGES = ("steps", "save_every", "nan_policy")
+_RESUMABLE_CHANGES = ("steps", "save_every", "nan_policy", "gather_for_generation", "offload_reference",
+                      "offload_reward")
 
 
 class NonFiniteError(RuntimeError):
@@ -85,12 +112,57 @@ class Rollout:
     values: torch.Tensor  # critic values of the state before each response token
     raw_score: torch.Tensor  # (B,) RM output
     score: torch.Tensor  # (B,) normalised RM score
-    entropy: torch.Tensor  # () mean per-token entropy of the sampling distribution
+    entropy: torch.Tensor  # (B,) sum over each answer's tokens of the sampling distribution's entropy
     texts: list[str]
 
     @property
     def query_length(self) -> int:
         return self.input_ids.shape[1] - self.response_ids.shape[1]
+
+    @property
+    def mean_entropy(self) -> float:
+        """Mean per-token entropy of the sampling distribution over the batch's real tokens."""
+        return float(self.entropy.sum() / self.mask.sum().clamp_min(1))
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+class RowSeededSampler(LogitsProcessor):
+    """Temperature / nucleus sampling where row ``i`` draws from its own seeded stream ``seeds[i]``.
+
+    Why: a batched ``generate`` draws all rows from one random stream, so an answer depends on which
+    other rows share its batch, and a run on N processes would sample differently from one process.
+    Here each row's token is picked by inverse-CDF sampling with one uniform number from its own
+    generator per step, and returned as the only finite score; ``generate`` runs greedy, which then
+    takes exactly that token. The distribution is softmax(logits / T) cut to the top-p nucleus, the
+    same as ``generate``'s own sampling (top-k off). The generators live on the CPU (B draws per token).
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.warpers = []
+        if temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=top_p))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"RowSeededSampler: {scores.shape[0]} rows but {len(self.generators)} seeds")
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        # 1 - U(0, 1) lies in (0, 1]: the target mass is > 0, so a zero-probability token is never picked.
+        uniform = torch.stack([1.0 - torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
+        cdf = probs.cumsum(-1)
+        target = (uniform.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+        picked = torch.searchsorted(cdf, target).clamp_(max=probs.shape[-1] - 1)
+        out = torch.full_like(scores, -math.inf)
+        return out.scatter_(1, picked, 0.0)
+
+
+def row_seeds(seed: int, step: int, start: int, end: int, samples_per_prompt: int) -> list[int]:
+    """One sampling seed per answer of prompts ``start..end-1`` of the step's global batch."""
+    return [stable_seed("ppo-sample", seed, step, b, j) for b in range(start, end) for j in range(samples_per_prompt)]
 
 
 # ---- forwards ------------------------------------------------------------------------------------
@@ -102,28 +174,43 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     positions would cost as much vocabulary projection again for nothing. Positions come from the mask
     so that left padding does not shift them (the same position ids ``generate`` used while sampling).
     """
-    input_ids, attention_mask = input_ids[:, :-1], attention_mask[:, :-1]
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                logits_to_keep=response_length)
+    out = model(**_shifted_inputs(input_ids, attention_mask, response_length))
     return out.logits
 
 
-def response_values(critic: ValueModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    response_length: int) -> torch.Tensor:
-    """Critic values of the states before each response token, ``(B, R)`` (the last token is not an input)."""
-    values = critic(input_ids[:, :-1], attention_mask[:, :-1])
-    return values[:, -response_length:]
+def _shifted_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> dict:
+    input_ids, attention_mask = input_ids[:, :-1], attention_mask[:, :-1]
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "position_ids": position_ids_from_mask(attention_mask), "use_cache": False,
+            "logits_to_keep": response_length}
+
+
+def response_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     response_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Actor logits ``(B, R, V)`` and critic values ``(B, R)`` for the response positions, in ONE call of
+    the (prepared) ``PolicyAndValue`` module: DDP and DeepSpeed only see calls of the wrapped module.
+    The critic reads the same inputs (the last token is not an input either)."""
+    logits, values = model(**_shifted_inputs(input_ids, attention_mask, response_length))
+    return logits, values[:, -response_length:]
 
 
 @torch.no_grad()
-def collect_rollout(actor, ref, rm: RewardModel, critic: ValueModel, tokenizer, prompts: list[str],
-                    cfg: PPOConfig, seed: int) -> Rollout:
-    """Sample and score one batch of episodes (no gradients anywhere)."""
+def collect_rollout(model, ref, rm, tokenizer, prompts: list[str], cfg: PPOConfig, seeds: list[int],
+                    accelerator=None) -> Rollout:
+    """Sample and score this process's share of a batch (no gradients anywhere).
+
+    ``model`` is the (prepared) ``PolicyAndValue``; ``ref`` and ``rm`` the (prepared) frozen models;
+    ``seeds`` one sampling seed per answer (:func:`row_seeds`). Collective under a launcher."""
+    acc = accelerator if accelerator is not None else dist.get_accelerator()
     k = cfg.samples_per_prompt
-    gen = generate(actor, tokenizer, prompts, n=k, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                   max_new_tokens=cfg.max_new_tokens, seed=seed, batch_size=len(prompts) * k)
-    device = next(actor.parameters()).device
+    gather = cfg.gather_for_generation
+    sampler = RowSeededSampler(seeds, cfg.temperature, cfg.top_p)
+    with dist.gathered_for_generation(model, acc, gather=gather) as inner:
+        gen = generate(inner.policy, tokenizer, prompts, n=k, do_sample=False, max_new_tokens=cfg.max_new_tokens,
+                       batch_size=max(1, len(prompts) * k),
+                       generate_kwargs={"logits_processor": LogitsProcessorList([sampler]),
+                                        **dist.generation_kwargs(model, acc, gather=gather)})
+    device = acc.device
     response_ids = gen.response_ids.to(device)
     mask = gen.response_mask.to(device)
     input_ids = torch.cat([gen.query_ids.to(device), response_ids], dim=1)
@@ -132,73 +219,127 @@ def collect_rollout(actor, ref, rm: RewardModel, critic: ValueModel, tokenizer, 
 
     # Trick: log-probs recomputed by a plain forward at the sampling temperature (logits / T), the same
     # computation the update will repeat, so the first ratio is exactly 1 (no generate-vs-forward drift).
-    logits = response_logits(actor, input_ids, attention_mask, length).float() / cfg.temperature
+    logits, values = response_forward(model, input_ids, attention_mask, length)
+    logits = logits.float() / cfg.temperature
     logp = logprobs_from_logits(logits, response_ids)
-    entropy = masked_mean(entropy_from_logits(logits), mask)
+    entropy = (entropy_from_logits(logits) * mask).sum(1)
     del logits
     ref_logp = logprobs_from_logits(response_logits(ref, input_ids, attention_mask, length), response_ids,
                                     cfg.temperature)
     # The RM reads the last real token: the EOS when the answer ended, as in its training texts.
     raw = rm(input_ids, attention_mask)
-    values = response_values(critic, input_ids, attention_mask, length)
+    score = dist.unwrap(rm, acc).normalized(raw)
     return Rollout(input_ids=input_ids, attention_mask=attention_mask, response_ids=response_ids, mask=mask,
-                   ended=gen.ended.to(device), logp=logp, ref_logp=ref_logp, values=values, raw_score=raw,
-                   score=rm.normalized(raw), entropy=entropy, texts=gen.texts)
+                   ended=gen.ended.to(device), logp=logp, ref_logp=ref_logp, values=values.float(),
+                   raw_score=raw.float(), score=score.float(), entropy=entropy, texts=gen.texts)
+
+
+def _pad_to(tensor: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+    missing = width - tensor.shape[1]
+    if missing <= 0:
+        return tensor
+    pad = torch.full((tensor.shape[0], missing), value, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([pad, tensor] if left else [tensor, pad], dim=1)
+
+
+def gather_rollout(local: Rollout, accelerator, pad_id: int) -> Rollout:
+    """All processes' rollouts concatenated in rank order (the global batch's order). Collective.
+
+    Queries are left-padded and responses right-padded to the widest across processes, the layout a
+    one-process run over the whole batch has. Identity on one process."""
+    acc = accelerator
+    if acc.num_processes == 1:
+        return local
+    query_len = local.query_length
+    widths = torch.tensor([query_len, local.response_ids.shape[1]], device=acc.device)
+    query_width, response_width = (int(w) for w in acc.gather(widths.unsqueeze(0)).max(0).values)
+
+    def whole(tensor: torch.Tensor) -> torch.Tensor:
+        return acc.gather(tensor.contiguous())
+
+    query_ids = _pad_to(local.input_ids[:, :query_len], query_width, pad_id, left=True)
+    query_mask = _pad_to(local.attention_mask[:, :query_len], query_width, 0, left=True)
+    response = {name: _pad_to(getattr(local, name), response_width, value, left=False)
+                for name, value in (("response_ids", pad_id), ("mask", 0), ("logp", 0.0), ("ref_logp", 0.0),
+                                    ("values", 0.0))}
+    response_ids, mask = whole(response["response_ids"]), whole(response["mask"])
+    return Rollout(input_ids=torch.cat([whole(query_ids), response_ids], dim=1),
+                   attention_mask=torch.cat([whole(query_mask), mask], dim=1), response_ids=response_ids,
+                   mask=mask, ended=whole(local.ended), logp=whole(response["logp"]),
+                   ref_logp=whole(response["ref_logp"]), values=whole(response["values"]),
+                   raw_score=whole(local.raw_score), score=whole(local.score), entropy=whole(local.entropy),
+                   texts=dist.gather_object(local.texts, acc))
 
 
 def _finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def ppo_update(actor, critic: ValueModel, actor_opt, critic_opt, ro: Rollout, advantages: torch.Tensor,
-               returns: torch.Tensor, cfg: PPOConfig, generator: torch.Generator) -> dict | None:
-    """``ppo_epochs`` passes over the batch in ``minibatches`` shuffled minibatches.
+_STAT_KEYS = ("loss/policy", "loss/value", "policy/clipfrac", "value/clipfrac", "policy/approxkl")
 
-    Returns mean statistics, or ``None`` when a loss or gradient norm was NaN/inf: the offending
-    minibatch is not applied and the remaining ones are skipped (earlier, finite updates stay)."""
+
+def _clip_norm(params, max_norm: float) -> torch.Tensor:
+    """Clip to ``max_norm`` (0 = off: only the norm is measured, for the finiteness check)."""
+    return torch.nn.utils.clip_grad_norm_(list(params), max_norm if max_norm > 0 else math.inf)
+
+
+def ppo_update(model, optimizer, ro: Rollout, advantages: torch.Tensor, returns: torch.Tensor, cfg: PPOConfig,
+               generator: torch.Generator, accelerator=None) -> dict | None:
+    """``ppo_epochs`` passes over the global batch ``ro`` in ``minibatches`` shuffled minibatches.
+
+    Every process draws the same global shuffle and trains on its contiguous share of each minibatch;
+    the loss is this share's token sum over the minibatch's GLOBAL token count (``global_mean_loss``),
+    so the update is that of one process over the whole minibatch. Returns mean statistics (global), or
+    ``None`` when a loss or gradient norm was NaN/inf on any process: the offending minibatch is not
+    applied and the remaining ones are skipped (earlier, finite updates stay). Collective."""
+    acc = accelerator if accelerator is not None else dist.get_accelerator()
+    deepspeed = dist.uses_deepspeed(acc)
+    inner = dist.unwrap(model, acc)
     n = ro.input_ids.shape[0]
     size = n // cfg.minibatches
+    lo, hi = dist.shard_bounds(size, acc.process_index, acc.num_processes)
     length = ro.response_ids.shape[1]
-    sums = {"loss/policy": 0.0, "loss/value": 0.0, "policy/clipfrac": 0.0, "value/clipfrac": 0.0,
-            "policy/approxkl": 0.0}
-    count = 0
+    # Per minibatch: this process's sums of the five statistics, and its token count.
+    sums = []
     for _ in range(cfg.ppo_epochs):
         # Trick: a fresh shuffle every epoch; the generator is seeded per step, so resuming repeats it.
         order = torch.randperm(n, generator=generator).to(ro.input_ids.device)
         for start in range(0, n, size):
-            idx = order[start:start + size]
+            idx = order[start:start + size][lo:hi]
             ids, attn, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.mask[idx]
+            mask_f = mask.float()
 
-            # Actor: clipped surrogate on the ratio of new to sampling-time probabilities.
-            logits = response_logits(actor, ids, attn, length)
+            logits, new_values = response_forward(model, ids, attn, length)
             new_logp = logprobs_from_logits(logits, ro.response_ids[idx], cfg.temperature)
-            pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logp, ro.logp[idx], advantages[idx], mask,
-                                                         cfg.clip_range)
+            # Actor: clipped surrogate on the ratio of new to sampling-time probabilities.
+            pg, pg_clipped, half_sq = policy_loss_terms(new_logp, ro.logp[idx], advantages[idx], cfg.clip_range)
             # Critic: clipped value loss around the values the advantages were computed with.
-            new_values = response_values(critic, ids, attn, length)
-            vf_loss, vf_clipfrac = value_loss(new_values, ro.values[idx], returns[idx], mask, cfg.value_clip)
-            loss = pg_loss + cfg.vf_coef * vf_loss
-            if not _finite(loss):
-                return None
+            vf, vf_clipped = value_loss_terms(new_values, ro.values[idx], returns[idx], cfg.value_clip)
+            pg_sum, vf_sum = (pg * mask_f).sum(), (vf * mask_f).sum()
+            loss_sum = pg_sum + cfg.vf_coef * vf_sum
+            count = mask_f.sum()
+            if float(dist.reduce_sum(float(not _finite(loss_sum)), acc)) > 0:
+                return None  # every process agrees (a collective), so none goes on alone
 
-            actor_opt.zero_grad(set_to_none=True)
-            critic_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            # Trick: global gradient-norm clipping, per model; a non-finite norm means a poisoned step.
-            actor_norm = torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.max_grad_norm)
-            critic_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
-            if not _finite(actor_norm, critic_norm):
-                actor_opt.zero_grad(set_to_none=True)
-                critic_opt.zero_grad(set_to_none=True)
-                return None
-            actor_opt.step()
-            critic_opt.step()
+            optimizer.zero_grad(set_to_none=True)
+            acc.backward(dist.global_mean_loss(loss_sum, count, acc))
+            if not deepspeed:
+                # Trick: global gradient-norm clipping, per network; a non-finite norm means a poisoned
+                # step. The gradients are already averaged over processes, so all see the same norms.
+                actor_norm = _clip_norm(inner.policy.parameters(), cfg.max_grad_norm)
+                critic_norm = _clip_norm(inner.value.parameters(), cfg.max_grad_norm)
+                if not _finite(actor_norm, critic_norm):
+                    optimizer.zero_grad(set_to_none=True)
+                    return None
+            optimizer.step()  # under DeepSpeed the engine stepped (and clipped) in ``backward``
 
-            for key, value in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", pg_clipfrac),
-                               ("value/clipfrac", vf_clipfrac), ("policy/approxkl", approx_kl)):
-                sums[key] += float(value.detach())
-            count += 1
-    return {key: value / count for key, value in sums.items()}
+            with torch.no_grad():
+                sums.append(torch.stack([pg_sum.detach(), vf_sum.detach(), (pg_clipped * mask_f).sum(),
+                                         (vf_clipped * mask_f).sum(), (half_sq * mask_f).sum(), count]).double())
+    optimizer.zero_grad(set_to_none=True)
+    totals = dist.reduce_sum(torch.stack(sums), acc)
+    means = totals[:, :5] / totals[:, 5:].clamp_min(1.0)  # each minibatch's global token means
+    return {key: float(value) for key, value in zip(_STAT_KEYS, means.mean(0))}
 
 
 # ---- data order ----------------------------------------------------------------------------------
@@ -253,25 +394,43 @@ class _Progress:
     seconds: float = 0.0  # training time before this process (resumed runs)
 
 
-def save_checkpoint(folder: Path, actor, critic, rm: RewardModel | None, optimizers: dict, kl_ctl,
+def _save_weights(module: torch.nn.Module, path: Path) -> None:
+    """The module's weights as safetensors, each tied tensor once (``load_model`` restores the ties).
+
+    Copies, because weights gathered from ZeRO-3 partitions are views into larger padded buffers, which
+    safetensors refuses to write as they are."""
+    tensors, seen = {}, set()
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue  # a tied weight (GPT-2's lm_head is its input embedding)
+        seen.add(key)
+        tensors[name] = tensor.detach().cpu().clone().contiguous()
+    save_file(tensors, str(path))
+
+
+def save_checkpoint(folder: Path, actor, critic, rm: RewardModel | None, optimizer_states: dict[str, dict], kl_ctl,
                     progress: _Progress, fingerprint: dict) -> None:
-    """Write everything the next step depends on to ``folder`` in one atomic rename."""
+    """Write everything the next step depends on to ``folder`` in one atomic rename (plain, full modules;
+    ``optimizer_states`` maps a name to an optimizer's state dict and may be empty)."""
     with atomic_folder(folder) as tmp:
-        save_safetensors_model(actor, str(tmp / "actor.safetensors"))
-        save_safetensors_model(critic, str(tmp / "critic.safetensors"))
+        _save_weights(actor, tmp / "actor.safetensors")
+        _save_weights(critic, tmp / "critic.safetensors")
         if rm is not None:  # online variant: the RM itself is trained
-            save_safetensors_model(rm, str(tmp / "reward_model.safetensors"))
+            _save_weights(rm, tmp / "reward_model.safetensors")
         torch.save({
             "step": progress.step, "cursor": progress.cursor, "episodes": progress.episodes,
             "skipped": progress.skipped, "seconds": progress.seconds,
-            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+            "optimizers": optimizer_states,
             "kl_controller": kl_ctl.state_dict(), "rng": _rng_state(),
             "fingerprint": json.dumps(fingerprint, sort_keys=True),
         }, tmp / STATE_FILE)
 
 
-def load_checkpoint(folder: Path, actor, critic, rm: RewardModel | None, optimizers: dict, kl_ctl,
-                    fingerprint: dict) -> _Progress:
+def load_checkpoint(folder: Path, actor, critic, rm: RewardModel | None, kl_ctl,
+                    fingerprint: dict) -> tuple[_Progress, dict[str, dict]]:
+    """Load weights into the plain modules (before ``prepare``), the KL controller and the RNG states;
+    returns the progress and the optimizer state dicts (loaded by the caller once they are prepared)."""
     state = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
     if state["fingerprint"] != json.dumps(fingerprint, sort_keys=True):
         raise UserError(f"{folder}: the checkpoint was made with other PPO settings or prompts; "
@@ -281,12 +440,11 @@ def load_checkpoint(folder: Path, actor, critic, rm: RewardModel | None, optimiz
     load_safetensors_model(critic, str(folder / "critic.safetensors"), device=device)
     if rm is not None:
         load_safetensors_model(rm, str(folder / "reward_model.safetensors"), device=device)
-    for name, opt in optimizers.items():
-        opt.load_state_dict(state["optimizers"][name])
     kl_ctl.load_state_dict(state["kl_controller"])
     _set_rng_state(state["rng"])
-    return _Progress(step=int(state["step"]), cursor=int(state["cursor"]), episodes=int(state["episodes"]),
-                     skipped=int(state["skipped"]), seconds=float(state["seconds"]))
+    progress = _Progress(step=int(state["step"]), cursor=int(state["cursor"]), episodes=int(state["episodes"]),
+                         skipped=int(state["skipped"]), seconds=float(state["seconds"]))
+    return progress, dict(state["optimizers"])
 
 
 def _restart_log(path: Path, keep_until_step: int) -> None:
@@ -373,16 +531,21 @@ class OnlineRewardRefresher:
 
 
 # ---- the loop ------------------------------------------------------------------------------------
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def adamw(module: torch.nn.Module, lr: float, **kwargs) -> torch.optim.AdamW:
     """AdamW, fused into one kernel when the device supports it (a few ms per step on small models)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    fusable = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda")
-                  for p in params)
-    return torch.optim.AdamW(params, lr=lr, fused=fusable or None, **kwargs)
+    return adamw_groups([(module, lr)], **kwargs)
+
+
+def adamw_groups(groups: list[tuple[torch.nn.Module, float]], fused: bool = True, **kwargs) -> torch.optim.AdamW:
+    """One AdamW over several modules, one parameter group (with its own learning rate) per module.
+
+    AdamW's update is per parameter, so this equals one optimizer per module. ``fused`` picks the fused
+    kernel when every parameter allows it (not under DeepSpeed, which steps flattened partitions)."""
+    param_groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": lr} for module, lr in groups]
+    params = [p for group in param_groups for p in group["params"]]
+    fusable = fused and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                            and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(param_groups, lr=groups[0][1], fused=fusable or None, **kwargs)
 
 
 def _check_same_tokenizer(tokenizer, rm: RewardModel, rm_folder: Path) -> None:
@@ -395,79 +558,147 @@ def _check_same_tokenizer(tokenizer, rm: RewardModel, rm_folder: Path) -> None:
                         "actor's token ids directly, so both must share one tokenizer")
 
 
+def _check_layout(cfg: PPOConfig, world: int) -> None:
+    """The global batch and each minibatch must split evenly across processes (each episode once)."""
+    if cfg.batch_size % world:
+        raise UserError(f"ppo.batch_size: {cfg.batch_size} prompts cannot be split evenly across {world} "
+                        f"processes; use a multiple of {world}")
+    minibatch = cfg.batch_size * cfg.samples_per_prompt // cfg.minibatches
+    if minibatch % world:
+        raise UserError(f"ppo.minibatches: minibatches of {minibatch} episodes cannot be split evenly across "
+                        f"{world} processes; batch_size * samples_per_prompt / minibatches must be a multiple "
+                        f"of {world}")
+
+
+def _peak_memory(accelerator) -> dict:
+    """``peak_gpu_memory_bytes``: the largest ``max_memory_allocated`` over processes (CUDA only)."""
+    if not torch.cuda.is_available():
+        return {}
+    peak = torch.tensor([float(torch.cuda.max_memory_allocated())], device=accelerator.device)
+    return {"peak_gpu_memory_bytes": int(accelerator.gather(peak).max())}
+
+
+@contextlib.contextmanager
+def whole_weights(accelerator):
+    """Build models with their full weights on every process, even under ZeRO-3.
+
+    accelerate makes ``from_pretrained`` partition weights while loading under ZeRO-3 (``zero.Init``);
+    PPO copies the RM into the critic and hands each model to its own engine, which must receive whole
+    (not already partitioned) parameters. Each process briefly holds full copies until ``prepare``."""
+    if dist.zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()  # transformers reads ZeRO-3 from this global; accelerate set it
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
 def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, rm_folder: Path, out_folder: Path,
               *, resume: bool = False, ranking_pool=None, online_rm: bool = False) -> dict:
     """Run PPO; write ``actor/``, ``critic/``, ``checkpoint/`` and ``log.jsonl`` under ``out_folder``.
 
-    ``ranking_pool`` (optional) receives every step's rollout groups asynchronously; with
-    ``online_rm`` the RM is refreshed every ``ppo.online_rm_every`` steps from the ranked groups.
-    Returns the stage summary."""
+    ``ranking_pool`` (optional, used on the main process only) receives every step's rollout groups
+    asynchronously; with ``online_rm`` the RM is refreshed every ``ppo.online_rm_every`` steps from the
+    ranked groups (one process only). Collective under a launcher: every process calls it with the same
+    arguments; only the main process writes. Returns the stage summary (on every process)."""
     cfg = config.ppo
     if not prompts:
         raise UserError("ppo: no training prompts (task.train is empty)")
-    if online_rm and ranking_pool is None:
+    if online_rm and ranking_pool is None and dist.is_main():
         raise ValueError("online_rm needs a ranking_pool")
     if online_rm and cfg.online_rm_every < 1:
         raise UserError("ppo.online_rm_every: must be >= 1 for the online reward-model variant")
+    if online_rm and dist.world_size() > 1:
+        raise UserError("variants: the online reward-model variant (str_online) trains the reward model inside "
+                        "PPO and runs on one process only; drop it or launch one process")
+    _check_layout(cfg, dist.world_size())
     out_folder = Path(out_folder)
-    out_folder.mkdir(parents=True, exist_ok=True)
     checkpoint = out_folder / CHECKPOINT
     log_path = out_folder / LOG_FILE
-    device = _device()
     n_episodes = cfg.batch_size * cfg.samples_per_prompt
+    per_process = n_episodes // cfg.minibatches // dist.world_size()
+    acc = begin_training(1, per_process)  # one optimizer step per minibatch
+    main = acc.is_main_process
+    deepspeed = dist.uses_deepspeed(acc)
+    if main:
+        out_folder.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)
-    actor, tokenizer = load_model(Path(actor_folder), config.model)
-    ref, _ = load_model(Path(actor_folder), config.model)
-    rm = RewardModel.from_pretrained(rm_folder, config.model)
-    _check_same_tokenizer(tokenizer, rm, Path(rm_folder))
-    critic = ValueModel.from_reward_model(rm)
+    with whole_weights(acc):
+        actor, tokenizer = load_model(Path(actor_folder), config.model)
+        ref, _ = load_model(Path(actor_folder), config.model)
+        rm = RewardModel.from_pretrained(rm_folder, config.model)
+        _check_same_tokenizer(tokenizer, rm, Path(rm_folder))
+        critic = ValueModel.from_reward_model(rm)
     # Trick: dropout off everywhere, so log-probs and values are the same functions in rollout and update.
     for model in (actor, ref, critic):
         disable_dropout(model)
-    actor.to(device).train()
-    critic.to(device).train()
-    ref.to(device).eval().requires_grad_(False)
-    rm.to(device).eval().requires_grad_(False)
-
-    # Separate optimisers: the critic's loss scale must not steer the actor's step sizes.
-    actor_opt = adamw(actor, cfg.lr)
-    critic_opt = adamw(critic, cfg.critic_lr)
-    optimizers = {"actor": actor_opt, "critic": critic_opt}
-    refresher = OnlineRewardRefresher(rm, rm.tokenizer or tokenizer, config) if online_rm else None
-    if refresher is not None:
-        optimizers["reward_model"] = refresher.optimizer
+    if online_rm:
+        # Trained in place by the refresher (one process only), so not a frozen engine.
+        rm.to(acc.device).eval().requires_grad_(False)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     fingerprint = _fingerprint(config, len(prompts), online_rm)
 
     progress = _Progress()
+    optimizer_states: dict[str, dict] = {}
     if resume and (checkpoint / STATE_FILE).is_file():
-        progress = load_checkpoint(checkpoint, actor, critic, rm if online_rm else None, optimizers, kl_ctl,
-                                   fingerprint)
+        progress, optimizer_states = load_checkpoint(checkpoint, actor, critic, rm if online_rm else None, kl_ctl,
+                                                     fingerprint)
         log.info("ppo: resuming after step %d of %d (%s)", progress.step, cfg.steps, checkpoint)
     elif checkpoint.exists():
         log.info("ppo: discarding the old checkpoint %s (not resuming)", checkpoint)
-        shutil.rmtree(checkpoint)
-    _restart_log(log_path, progress.step)
+        dist.save_on_main(lambda: shutil.rmtree(checkpoint), acc)
+    dist.save_on_main(lambda: _restart_log(log_path, progress.step), acc)
+
+    # Actor and critic: one module, one optimizer (actor lr, critic lr), one DDP wrapper / DeepSpeed engine.
+    policy_value = dist.PolicyAndValue(actor, critic).to(acc.device).train()
+    optimizer = adamw_groups([(actor, cfg.lr), (critic, cfg.critic_lr)], fused=not deepspeed)
+    model, optimizer = dist.prepare_trainable(acc, policy_value, optimizer, micro_batch_size=per_process,
+                                              max_grad_norm=cfg.max_grad_norm)
+    ref = dist.prepare_frozen(ref, acc, offload=cfg.offload_reference)
+    rm_run = rm if online_rm else dist.prepare_frozen(rm, acc, offload=cfg.offload_reward)
+    refresher = OnlineRewardRefresher(rm, rm.tokenizer or tokenizer, config) if online_rm else None
+    if "policy_value" in optimizer_states and not deepspeed:
+        optimizer.load_state_dict(optimizer_states["policy_value"])
+    elif progress.step > 0:
+        log.warning("ppo: the checkpoint holds no optimizer state for this setup (DeepSpeed partitions it); "
+                    "the optimizer moments restart")
+    if refresher is not None and "reward_model" in optimizer_states:
+        refresher.optimizer.load_state_dict(optimizer_states["reward_model"])
 
     def checkpoint_now() -> None:
-        save_checkpoint(checkpoint, actor, critic, rm if online_rm else None, optimizers, kl_ctl, progress,
-                        fingerprint)
+        """Collective: the full weights are gathered under ZeRO-3; the main process writes."""
+        states = {} if deepspeed else {"policy_value": optimizer.state_dict()}
+        if refresher is not None:
+            states["reward_model"] = refresher.optimizer.state_dict()
+        dist.save_full(model, acc, lambda inner: save_checkpoint(
+            checkpoint, inner.policy, inner.value, rm if online_rm else None, states, kl_ctl, progress, fingerprint))
 
     started = time.perf_counter()
     last: dict = {}
     dropped_groups = [0]  # rollout groups the full ranking pool could not take
+    use_pool = ranking_pool is not None and main
     bar = tqdm(range(progress.step, cfg.steps), desc="ppo", initial=progress.step, total=cfg.steps,
-               disable=not sys.stderr.isatty())
-    with open(log_path, "a", encoding="utf-8") as log_file:
+               disable=not (main and sys.stderr.isatty()))
+    log_file = open(log_path, "a", encoding="utf-8") if main else None
+    try:
 
         def write_log(row: dict) -> None:
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
+            if log_file is not None:
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
 
         def non_finite(step: int, what: str, next_cursor: int) -> None:  # None: the step has no log row
-            """Apply ``ppo.nan_policy`` to a NaN/inf found in ``what`` at ``step`` (1-based)."""
+            """Apply ``ppo.nan_policy`` to a NaN/inf found in ``what`` at ``step`` (1-based); every process
+            sees the same global values, so all take this branch together."""
             progress.skipped += 1
             if cfg.nan_policy == "stop":
                 # The checkpoint is the state before this step: a resumed run retries the same batch.
@@ -477,7 +708,8 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
             # Skipping consumes the batch: the next step takes the next prompts.
             progress.cursor = next_cursor
             progress.episodes += n_episodes
-            log.warning("ppo step %d: non-finite %s; step skipped (%d so far)", step, what, progress.skipped)
+            if main:
+                log.warning("ppo step %d: non-finite %s; step skipped (%d so far)", step, what, progress.skipped)
             write_log({"step": step, "skipped": what, "skipped_total": progress.skipped})
 
         def _one_step(step: int) -> dict | None:
@@ -485,11 +717,14 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
             tick = time.perf_counter()
             picked, next_cursor = prompt_indices(len(prompts), progress.cursor, cfg.batch_size, config.seed)
             batch_prompts = [prompts[i] for i in picked]
-            ro = collect_rollout(actor, ref, rm, critic, tokenizer, batch_prompts, cfg,
-                                 seed=stable_seed("ppo-rollout", config.seed, step) % (2**31 - 1))
+            lo, hi = dist.shard_bounds(cfg.batch_size, acc.process_index, acc.num_processes)
+            local = collect_rollout(model, ref, rm_run, tokenizer, batch_prompts[lo:hi], cfg,
+                                    row_seeds(config.seed, step, lo, hi, cfg.samples_per_prompt), acc)
+            ro = gather_rollout(local, acc, tokenizer.pad_token_id)
+            del local
 
             # Async ranking of this step's groups (the K answers of each prompt); never waits.
-            if ranking_pool is not None:
+            if use_pool:
                 k = cfg.samples_per_prompt
                 for i, prompt in enumerate(batch_prompts):
                     try:
@@ -515,13 +750,13 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
                     rewards = masked_whiten(rewards, ro.mask, shift_mean=False) * ro.mask
                 # GAE with gamma 1, lambda 0.95 over the response tokens.
                 advantages, returns = gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
-                # Trick: advantage whitening per batch.
+                # Trick: advantage whitening over the whole (global) batch.
                 advantages = masked_whiten(advantages, ro.mask) * ro.mask
                 if not _finite(advantages, returns):
                     return non_finite(step, "advantages", next_cursor)
 
             generator = torch.Generator().manual_seed(stable_seed("ppo-minibatch", config.seed, step))
-            stats = ppo_update(actor, critic, actor_opt, critic_opt, ro, advantages, returns, cfg, generator)
+            stats = ppo_update(model, optimizer, ro, advantages, returns, cfg, generator, acc)
             if stats is None:
                 return non_finite(step, "loss or gradient", next_cursor)
 
@@ -535,7 +770,7 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
                 "episodes": progress.episodes,
                 "objective/kl": float(sequence_kl.mean()),
                 "objective/kl_coef": kl_coef,
-                "objective/entropy": float(ro.entropy),
+                "objective/entropy": ro.mean_entropy,
                 "reward/mean": float(ro.score.mean()),
                 "reward/std": float(ro.score.std()) if ro.score.numel() > 1 else 0.0,
                 "reward/raw_mean": float(ro.raw_score.mean()),
@@ -547,7 +782,7 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
                 "time/step_s": elapsed,
                 "tokens/s": float(ro.mask.sum()) / max(elapsed, 1e-9),
             }
-            if ranking_pool is not None:
+            if use_pool:
                 pool_stats = ranking_pool.stats()
                 row["ranking/queue_depth"] = pool_stats.get("queue_depth")
                 row["ranking/latency_s"] = pool_stats.get("latency_mean_s")
@@ -569,14 +804,21 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
                 progress.seconds += time.perf_counter() - started
                 started = time.perf_counter()
                 checkpoint_now()
+    finally:
+        if log_file is not None:
+            log_file.close()
     bar.close()
 
     progress.seconds += time.perf_counter() - started
     checkpoint_now()
-    save_model(actor, tokenizer, out_folder / "actor")
-    critic.save_pretrained(out_folder / "critic")
-    if online_rm:
-        rm.save_pretrained(out_folder / "reward_model")
+
+    def save_final(inner: dist.PolicyAndValue) -> None:
+        save_model(inner.policy, tokenizer, out_folder / "actor")
+        inner.value.save_pretrained(out_folder / "critic")
+        if online_rm:
+            rm.save_pretrained(out_folder / "reward_model")
+
+    dist.save_full(model, acc, save_final)
     summary = {
         "steps": progress.step,
         "episodes": progress.episodes,
@@ -586,11 +828,14 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
         "final_kl": last.get("objective/kl"),
         "skipped_steps": progress.skipped,
         "actor": str(out_folder / "actor"),
+        **stage_cost(progress.seconds, acc.num_processes),
+        **_peak_memory(acc),
     }
     if ranking_pool is not None:
         summary["ranking_dropped_groups"] = dropped_groups[0]
     if refresher is not None:
         summary["online_rm"] = {"dropped_stale": refresher.dropped_stale, "failed_groups": refresher.failed}
+    end_training(acc)
     log.info("ppo: %d steps, %d episodes in %.1fs, final reward %s, KL %s, %d skipped", summary["steps"],
              summary["episodes"], progress.seconds, summary["final_reward_mean"], summary["final_kl"],
              progress.skipped)

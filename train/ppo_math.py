@@ -131,6 +131,26 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, returns
 
 
+def policy_loss_terms(new_logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                      clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO clipped surrogate -> ``(loss, clipped, half_sq_log_ratio)``, all ``(B, R)``.
+
+    loss_t = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)) (the pessimistic bound);
+    clipped_t = 1.0 where the clipped term was the larger; half_sq_log_ratio_t = 0.5 * (log ratio_t)^2.
+    Per-token values let a distributed update sum them over its rows and divide by the GLOBAL token
+    count (:func:`policy_loss` is their masked mean over one batch).
+    """
+    log_ratio = new_logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = torch.maximum(unclipped, clipped)
+    with torch.no_grad():
+        clipped_frac = (clipped > unclipped).to(loss.dtype)
+        half_sq = 0.5 * log_ratio.detach() ** 2
+    return loss, clipped_frac, half_sq
+
+
 def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                 clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate -> ``(loss, clipfrac, approx_kl)``.
@@ -139,15 +159,22 @@ def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tenso
     bound); clipfrac = share of tokens where the clipped term was the larger; approx_kl =
     0.5 * mean((log ratio)^2), a cheap estimate of how far the update moved the policy.
     """
-    log_ratio = new_logp - old_logp
-    ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss, clipped, half_sq = policy_loss_terms(new_logp, old_logp, adv, clip)
+    return masked_mean(loss, mask), masked_mean(clipped, mask), masked_mean(half_sq, mask)
+
+
+def value_loss_terms(new_v: torch.Tensor, old_v: torch.Tensor, returns: torch.Tensor,
+                     clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped value loss -> ``(loss, clipped)``, both ``(B, R)``:
+    loss_t = 0.5 * max((V_t - R_t)^2, (Vc_t - R_t)^2) with Vc = old_v + clip(V - old_v, -eps, eps);
+    clipped_t = 1.0 where the clipped error was the larger. :func:`value_loss` is their masked mean."""
+    clipped_v = old_v + torch.clamp(new_v - old_v, -clip, clip)
+    loss_unclipped = (new_v - returns) ** 2
+    loss_clipped = (clipped_v - returns) ** 2
+    loss = 0.5 * torch.maximum(loss_unclipped, loss_clipped)
     with torch.no_grad():
-        clipfrac = masked_mean((clipped > unclipped).to(loss.dtype), mask)
-        approx_kl = 0.5 * masked_mean(log_ratio.detach() ** 2, mask)
-    return loss, clipfrac, approx_kl
+        clipped_frac = (loss_clipped > loss_unclipped).to(loss.dtype)
+    return loss, clipped_frac
 
 
 def value_loss(new_v: torch.Tensor, old_v: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -155,13 +182,8 @@ def value_loss(new_v: torch.Tensor, old_v: torch.Tensor, returns: torch.Tensor, 
     """Clipped value loss -> ``(loss, clipfrac)``: 0.5 * mean(max((V - R)^2, (V_clipped - R)^2)) with
     V_clipped = old_v + clip(V - old_v, -eps, eps), so that one update cannot move the critic far from
     the values the advantages were computed with."""
-    clipped_v = old_v + torch.clamp(new_v - old_v, -clip, clip)
-    loss_unclipped = (new_v - returns) ** 2
-    loss_clipped = (clipped_v - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
-    with torch.no_grad():
-        clipfrac = masked_mean((loss_clipped > loss_unclipped).to(loss.dtype), mask)
-    return loss, clipfrac
+    loss, clipped = value_loss_terms(new_v, old_v, returns, clip)
+    return masked_mean(loss, mask), masked_mean(clipped, mask)
 
 
 def apply_missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:

@@ -10,7 +10,8 @@ import torch
 from train.config import ExperimentConfig, PPOConfig, TinyModelConfig
 from train.generation import generate
 from train.models import build_tiny_model, load_model, save_model, train_bpe_tokenizer
-from train.ppo import NonFiniteError, collect_rollout, train_ppo
+from train.distributed import PolicyAndValue
+from train.ppo import NonFiniteError, collect_rollout, row_seeds, train_ppo
 from train.reward import pairwise_loss
 from train.reward_model import RewardModel, encode_pairs, pad_batch
 from train.value_model import ValueModel
@@ -33,12 +34,10 @@ def _texts():
     return [f"{p} {' '.join(WORDS[i:i + 4])} {GOOD} no" for i, p in enumerate(PROMPTS)] * 4
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def build_world(root) -> dict:
     """A tiny SFT policy and a reward model trained (pairwise loss) to prefer answers made of "good"
     tokens (even ids) over answers made of "bad" ones (odd ids): a dense preference, so a random policy's
-    samples already differ in reward and PPO has something to climb."""
-    root = tmp_path_factory.mktemp("ppo_world")
+    samples already differ in reward and PPO has something to climb. Deterministic (seeded)."""
     torch.manual_seed(0)
     tokenizer = train_bpe_tokenizer(_texts(), vocab_size=300, extra_tokens=("<q>", "<a>"))
     model = build_tiny_model(TinyModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=300),
@@ -86,6 +85,11 @@ def world(tmp_path_factory):
     return {"root": root, "sft": sft, "rm": rm_folder}
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("ppo_world"))
+
+
 def tiny_config(**ppo) -> ExperimentConfig:
     settings = dict(steps=4, batch_size=4, samples_per_prompt=2, max_new_tokens=8, ppo_epochs=2, minibatches=2,
                     lr=1e-3, critic_lr=1e-3, save_every=2, missing_eos_penalty=-1.0)
@@ -121,7 +125,8 @@ def test_rollout_logprobs_match_the_update_forward(world):
     rm = RewardModel.from_pretrained(world["rm"])
     critic = ValueModel.from_reward_model(rm)
     cfg = PPOConfig(batch_size=2, samples_per_prompt=2, max_new_tokens=6, temperature=0.7)
-    ro = collect_rollout(actor, actor, rm, critic, tokenizer, PROMPTS[:2], cfg, seed=5)
+    model = PolicyAndValue(actor, critic)
+    ro = collect_rollout(model, actor, rm, tokenizer, PROMPTS[:2], cfg, row_seeds(5, 1, 0, 2, 2))
     # The reference here IS the actor, so the KL is exactly 0 and the log-probs are real probabilities.
     torch.testing.assert_close(ro.logp * ro.mask, ro.ref_logp * ro.mask)
     assert bool((ro.logp[ro.mask.bool()] < 0).all())
@@ -132,8 +137,51 @@ def test_rollout_logprobs_match_the_update_forward(world):
     r = ro.response_ids.shape[1]
     expected = torch.log_softmax(full[:, -r - 1:-1] / 0.7, -1).gather(-1, ro.response_ids.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(ro.logp * ro.mask, expected * ro.mask, atol=1e-5, rtol=1e-5)
-    # The RM score is read on the same ids.
+    # The RM score is read on the same ids, and the values are the critic's on the states before each token.
     torch.testing.assert_close(ro.raw_score, rm(ro.input_ids, ro.attention_mask).detach())
+    with torch.no_grad():
+        values = critic(ro.input_ids[:, :-1], ro.attention_mask[:, :-1])[:, -r:]
+    torch.testing.assert_close(ro.values, values)
+
+
+def test_row_seeded_sampling_does_not_depend_on_the_batch(world):
+    """An answer depends on its own seed only: sampled alone or among other prompts, it is the same,
+    and the rows that share a prompt but not a seed differ."""
+    actor, tokenizer = load_model(world["sft"])
+    rm = RewardModel.from_pretrained(world["rm"])
+    model = PolicyAndValue(actor, ValueModel.from_reward_model(rm))
+    cfg = PPOConfig(batch_size=4, samples_per_prompt=2, max_new_tokens=8, temperature=1.0)
+    together = collect_rollout(model, actor, rm, tokenizer, PROMPTS[:4], cfg, row_seeds(7, 3, 0, 4, 2))
+    second_half = collect_rollout(model, actor, rm, tokenizer, PROMPTS[2:4], cfg, row_seeds(7, 3, 2, 4, 2))
+    assert together.texts[4:] == second_half.texts
+    r = second_half.mask.shape[1]
+    torch.testing.assert_close(together.logp[4:, :r] * together.mask[4:, :r], second_half.logp * second_half.mask,
+                               atol=1e-5, rtol=1e-5)
+    assert len(set(together.texts)) > 2  # distinct seeds give distinct answers (8 rows of random tokens)
+    # The sampler draws from softmax(logits / T): each picked token has a positive probability.
+    assert bool(torch.isfinite(together.logp[together.mask.bool()]).all())
+
+
+def test_row_seeded_sampler_draws_from_the_tempered_nucleus():
+    """Per-row streams, the frequencies of softmax(logits / T) cut to the top-p nucleus, and greedy
+    generate() taking exactly the one token the sampler leaves."""
+    from train.ppo import RowSeededSampler
+
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    rows = 4000
+    scores = (probs.log() * 0.5).expand(rows, 4).clone()  # logits at T = 0.5 give back probs
+    out = RowSeededSampler(list(range(rows)), temperature=0.5, top_p=1.0)(None, scores)
+    assert bool((torch.isfinite(out).sum(1) == 1).all())
+    freq = torch.bincount(out.argmax(1), minlength=4).float() / rows
+    torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)
+    # top_p = 0.65: the nucleus is {0.4, 0.3} (0.7 >= 0.65), renormalised to 4/7, 3/7.
+    sampler = RowSeededSampler(list(range(rows)), temperature=1.0, top_p=0.65)
+    nucleus = sampler(None, probs.log().expand(rows, 4).clone())
+    freq = torch.bincount(nucleus.argmax(1), minlength=4).float() / rows
+    torch.testing.assert_close(freq, torch.tensor([0.0, 0.0, 3 / 7, 4 / 7]), atol=0.03, rtol=0)
+    # The same seed gives the same draw whatever the other rows are.
+    again = RowSeededSampler([5, 999], temperature=0.5, top_p=1.0)(None, scores[:2].clone())
+    assert again[0].argmax() == out[5].argmax()
 
 
 def _mean_score(folder, rm_folder, seed=11):
