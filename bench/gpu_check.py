@@ -9,7 +9,6 @@ shrinks the model and the workload to prove the wiring on CPU. Peak memory is
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -24,8 +23,7 @@ import torch  # noqa: E402
 from ranking.atomic import write_json  # noqa: E402
 from train import distributed as dist  # noqa: E402
 from train.config import ExperimentConfig, TinyModelConfig  # noqa: E402
-from train.pipeline import MAIN_ONLY_STAGES, run_pipeline  # noqa: E402
-from train.ppo import whole_weights  # noqa: E402
+from train.pipeline import run_pipeline  # noqa: E402
 
 STAGES = ("sft", "sample", "reward", "ppo")
 
@@ -106,10 +104,7 @@ def main() -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        # A stage run by the main process alone must load its models whole: under ZeRO-3 a
-        # partitioned load (zero.Init) is collective and would wait for the other processes forever.
-        with whole_weights(acc) if stage in MAIN_ONLY_STAGES else contextlib.nullcontext():
-            summary = run_pipeline(config, [stage])[stage]
+        summary = run_pipeline(config, [stage])[stage]  # main-only stages load whole weights themselves
         seconds = time.perf_counter() - started
         results["stages"][stage] = {"seconds": round(seconds, 2), "peak_gpu_memory_bytes": peak_memory(acc),
                                     **throughput(stage, config, summary, seconds)}

@@ -449,3 +449,25 @@ def save_full(model: nn.Module, accelerator, save: Callable[[nn.Module], Any]) -
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         save_on_main(lambda: save(inner), accelerator)
+
+
+@contextlib.contextmanager
+def whole_weights(accelerator):
+    """Build models with their full weights on every process, even under ZeRO-3.
+
+    accelerate makes ``from_pretrained`` partition weights while loading under ZeRO-3 (``zero.Init``);
+    PPO copies the RM into the critic and hands each model to its own engine, and a main-process-only
+    stage cannot join a collective partitioned load: both need whole (not partitioned) parameters. Each process briefly holds full copies until ``prepare``."""
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()  # transformers reads ZeRO-3 from this global; accelerate set it
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()

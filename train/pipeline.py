@@ -247,6 +247,14 @@ def check_order(config: ExperimentConfig, stages: list[str]) -> None:
                                 f"(or 'selfrank run CONFIG'); nothing found in {root.root}")
 
 
+def _whole(fn):
+    """Run a main-process-only stage with whole model weights (a ZeRO-3 partitioned load is collective)."""
+    from . import distributed as dist
+
+    with dist.whole_weights(dist.get_accelerator()):
+        return fn()
+
+
 def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, resume: bool = False,
                  force: bool = False, log: Callable[[dict, int, str], None] | None = None,
                  log_table: Callable[[str, list[dict], str], None] | None = None,
@@ -283,7 +291,7 @@ def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, r
         started = time.perf_counter()
         if stage in MAIN_ONLY_STAGES and barrier.world > 1:
             logger.info("%s: runs on the main process only; %d other process(es) wait", stage, barrier.world - 1)
-            summary = barrier.on_main(lambda: STAGE_FUNCS[stage](config, run, resume, hooks))
+            summary = barrier.on_main(lambda: _whole(lambda: STAGE_FUNCS[stage](config, run, resume, hooks)))
             processes = 1
         else:
             summary = STAGE_FUNCS[stage](config, run, resume, hooks)

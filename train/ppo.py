@@ -41,7 +41,6 @@ not checkpointed: a resumed DeepSpeed run restarts them (one-process and DDP res
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -578,28 +577,6 @@ def _peak_memory(accelerator) -> dict:
     return {"peak_gpu_memory_bytes": int(accelerator.gather(peak).max())}
 
 
-@contextlib.contextmanager
-def whole_weights(accelerator):
-    """Build models with their full weights on every process, even under ZeRO-3.
-
-    accelerate makes ``from_pretrained`` partition weights while loading under ZeRO-3 (``zero.Init``);
-    PPO copies the RM into the critic and hands each model to its own engine, which must receive whole
-    (not already partitioned) parameters. Each process briefly holds full copies until ``prepare``."""
-    if dist.zero_stage(accelerator) != 3:
-        yield
-        return
-    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
-
-    if not is_deepspeed_zero3_enabled():
-        yield
-        return
-    unset_hf_deepspeed_config()  # transformers reads ZeRO-3 from this global; accelerate set it
-    try:
-        yield
-    finally:
-        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
-
-
 def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, rm_folder: Path, out_folder: Path,
               *, resume: bool = False, ranking_pool=None, online_rm: bool = False) -> dict:
     """Run PPO; write ``actor/``, ``critic/``, ``checkpoint/`` and ``log.jsonl`` under ``out_folder``.
@@ -631,7 +608,7 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
         out_folder.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)
-    with whole_weights(acc):
+    with dist.whole_weights(acc):
         actor, tokenizer = load_model(Path(actor_folder), config.model)
         ref, _ = load_model(Path(actor_folder), config.model)
         rm = RewardModel.from_pretrained(rm_folder, config.model)
