@@ -82,6 +82,7 @@ from .ppo_math import (
 )
 from .reward_model import RewardModel, atomic_folder, disable_dropout, position_ids_from_mask
 from .stage_dist import begin_training, end_training, stage_cost
+from .signals import stop_if_requested
 from .value_model import ValueModel
 
 log = logging.getLogger(__name__)
@@ -769,7 +770,13 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
                 row.update(refresher.refresh(step, refresh_gen))
             return row
 
+        def checkpoint_on_stop() -> None:
+            progress.seconds += time.perf_counter() - started
+            checkpoint_now()
+
         for step_index in bar:
+            # Preemption (SIGTERM/SIGUSR1): checkpoint the completed steps, then stop for a requeue.
+            stop_if_requested("ppo", step_index, checkpoint_on_stop, checkpoint)
             step = step_index + 1
             row = _one_step(step)
             progress.step = step

@@ -11,6 +11,7 @@ from train.config import ExperimentConfig, PPOConfig, TinyModelConfig
 from train.generation import generate
 from train.models import build_tiny_model, load_model, save_model, train_bpe_tokenizer
 from train.distributed import PolicyAndValue
+import train.ppo as ppo_module
 from train.ppo import NonFiniteError, collect_rollout, row_seeds, train_ppo
 from train.reward import pairwise_loss
 from train.reward_model import RewardModel, encode_pairs, pad_batch
@@ -340,3 +341,43 @@ def test_ppo_with_ranking_pool_logs_queue_and_saves_online_rm(world, tmp_path):
     assert all("ranking/queue_depth" in r and "ranking/latency_s" in r and "online_rm/pairs" in r for r in rows)
     assert summary["ranking_dropped_groups"] == 0
     assert RewardModel.from_pretrained(tmp_path / "ppo" / "reward_model") is not None
+
+
+def test_preemption_checkpoints_and_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
+    """SIGUSR1 (SLURM's warning signal) mid-run: checkpoint the finished steps, raise Preempted; the
+    resumed run ends with the uninterrupted run's weights."""
+    import os
+    import signal
+
+    from train import signals
+
+    full = tiny_config(steps=3, save_every=10)
+    train_ppo(full, PROMPTS, world["sft"], world["rm"], tmp_path / "full")
+
+    signals.install_stop_handlers()
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        original_update = ppo_module.ppo_update
+        calls = []
+
+        def update_then_signal(*args, **kwargs):  # the signal arrives while step 2 trains
+            result = original_update(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return result
+
+        monkeypatch.setattr(ppo_module, "ppo_update", update_then_signal)
+        with pytest.raises(signals.Preempted):
+            train_ppo(full, PROMPTS, world["sft"], world["rm"], tmp_path / "cut")
+        monkeypatch.undo()
+    finally:
+        signals.reset()
+        signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert [r["step"] for r in read_log(tmp_path / "cut")] == [1, 2]
+    train_ppo(full, PROMPTS, world["sft"], world["rm"], tmp_path / "cut", resume=True)
+    a, _ = load_model(tmp_path / "full" / "actor")
+    b, _ = load_model(tmp_path / "cut" / "actor")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
