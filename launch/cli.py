@@ -137,6 +137,10 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Each selfrank process starts its own W&B service: one inherited from a parent process (which
+    # wandb advertises through this variable) would outlive a killed run and keep its run id "in use",
+    # so the resumed run could not reopen it.
+    os.environ.pop("WANDB_SERVICE", None)
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

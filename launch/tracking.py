@@ -101,44 +101,6 @@ def sample_rows(groups: Iterable[dict], rewards: dict[tuple[str, int], float] | 
 RUN_IN_USE_WAIT_S = 60.0
 
 
-def _process_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-            return any(line.startswith("State:") and "Z" in line.split()[1:2] for line in handle)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-
-
-def stop_orphaned_services() -> int:
-    """SIGTERM W&B service processes whose client (``--pid N``) is dead or a zombie; returns how many.
-
-    A SIGKILLed trainer cannot close its W&B service, which then keeps the run open, so the resumed
-    job would find its own run id "in use". Linux only (reads /proc); elsewhere it does nothing."""
-    import signal
-
-    stopped = 0
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if not any(b"wandb-core" in a for a in args[:2]) or b"--pid" not in args:
-            continue
-        try:
-            client = int(args[args.index(b"--pid") + 1])
-        except (IndexError, ValueError):
-            continue
-        if _process_gone(client):
-            try:
-                os.kill(int(entry.name), signal.SIGTERM)
-                stopped += 1
-            except OSError:
-                pass
-    return stopped
-
-
 def _init_with_retry(wandb, identifier: str, settings: dict):
     import time
 
@@ -149,9 +111,7 @@ def _init_with_retry(wandb, identifier: str, settings: dict):
         except Exception as exc:  # wandb raises its own error types, which differ by version
             if "in use" not in str(exc) or time.monotonic() > deadline:
                 raise
-            stopped = stop_orphaned_services()
-            logger.info("W&B run %s is still held by a previous process (%d orphaned service(s) stopped); "
-                        "waiting", identifier, stopped)
+            logger.info("W&B run %s is still held by a previous process; waiting", identifier)
             time.sleep(2.0)
 
 
