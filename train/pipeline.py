@@ -129,30 +129,38 @@ def _reference_samples(ranked_path: Path) -> tuple[list[str], list[str]]:
     return prompts, responses
 
 
+def _per_variant(config: ExperimentConfig, run: RunDir, name: str, train_one: Callable[[str, str], dict]) -> dict:
+    """Run ``train_one(variant, stage)`` for each STR variant whose ``<name>/<variant>`` is not complete."""
+    summaries = {}
+    for variant in config.variants:
+        stage = f"{name}/{variant}"
+        if run.is_done(stage):
+            summaries[variant] = run.summary(stage)
+            continue
+        seed_everything(config.seed)
+        summaries[variant] = train_one(variant, stage)
+        if dist.is_main():
+            run.mark_done(stage, summaries[variant])
+    return {"variants": summaries}
+
+
 def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks) -> dict:
     from .reward import train_reward
 
     sample = run.require("sample")
     sft_model = run.require("sft") / "model"
     prompts, responses = _reference_samples(sample / "ranked.jsonl")
-    summaries = {}
-    for variant in config.variants:
-        stage = f"reward/{variant}"
-        if run.is_done(stage):
-            summaries[variant] = run.summary(stage)
-            continue
+
+    def train_one(variant: str, stage: str) -> dict:
         loss, use_noise, _ = VARIANT_SETTINGS[variant]
-        seed_everything(config.seed)
-        summary = train_reward(
+        return train_reward(
             config, sft_model, sample / "pairs.jsonl", sample / "ranked.jsonl", run.stage(stage) / "model",
             loss=loss, use_noise=use_noise, resume=resume,
             normalize_prompts=prompts, normalize_responses=responses,
             log_step=hooks.stage_log("reward", f"{variant}/"),
         )
-        if dist.is_main():
-            run.mark_done(stage, summary)
-        summaries[variant] = summary
-    return {"variants": summaries}
+
+    return _per_variant(config, run, "reward", train_one)
 
 
 def _stage_ppo(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks) -> dict:
@@ -163,27 +171,20 @@ def _stage_ppo(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks
 
     sft_model = run.require("sft") / "model"
     prompts = [ex.prompt for ex in load_task(config.task).train]
-    summaries = {}
-    for variant in config.variants:
-        stage = f"ppo/{variant}"
-        if run.is_done(stage):
-            summaries[variant] = run.summary(stage)
-            continue
+
+    def train_one(variant: str, stage: str) -> dict:
         rm_folder = run.require(f"reward/{variant}") / "model"
         _, _, online = VARIANT_SETTINGS[variant]
-        seed_everything(config.seed)
         # PPO is collective (train.ppo); the ranking pool lives on the main process only.
         pool = RankingPool(config.ranking, workers=config.sample.workers) if online and dist.is_main() else None
         try:
-            summary = train_ppo(config, prompts, sft_model, rm_folder, run.stage(stage), resume=resume,
-                                ranking_pool=pool, online_rm=online)
+            return train_ppo(config, prompts, sft_model, rm_folder, run.stage(stage), resume=resume,
+                             ranking_pool=pool, online_rm=online)
         finally:
             if pool is not None:
                 pool.close()
-        if dist.is_main():
-            run.mark_done(stage, summary)
-        summaries[variant] = summary
-    return {"variants": summaries}
+
+    return _per_variant(config, run, "ppo", train_one)
 
 
 def eval_rows(config: ExperimentConfig, run: RunDir) -> list[tuple[str, Path]]:

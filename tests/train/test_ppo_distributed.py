@@ -20,21 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.test_distributed import finish, free_port, start, worker_env
+from tests.train.test_distributed import ACCELERATE, DS_CONFIG, finish, free_port, start, worker_env
 from tests.train.test_ppo import PROMPTS, build_world
 from train.models import load_model
 from train.reward_model import encode_pairs, pad_batch
 from train.value_model import ValueModel
 
 WORKER = Path(__file__).resolve().parent / "dist_scripts" / "ppo_train.py"
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-DS_CONFIG = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": 1,
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                          "stage3_gather_16bit_weights_on_model_save": True},
-    "steps_per_print": 1_000_000,
-}
 PPO = dict(steps=3, batch_size=4, samples_per_prompt=2, max_new_tokens=8, ppo_epochs=2, minibatches=2, lr=1e-3,
            critic_lr=1e-3, save_every=2, adaptive_kl=True, target_kl=0.5, kl_horizon=100)
 KEYS = ("loss/policy", "loss/value", "reward/mean", "objective/kl", "objective/kl_coef", "objective/entropy")
