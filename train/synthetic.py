@@ -1,18 +1,17 @@
 """The offline embedded task: short, checkable answers generated in code from a seed.
 
-Each prompt holds a few facts and asks about one of them; the answer is a short phrase that can be
-checked exactly. Three kinds of question, of different difficulty for a small model:
+A fixed little world (``people`` persons x 4 attributes: city, pet, job, colour) is drawn from the seed.
+Two kinds of question:
 
-* ``lookup``  ``<c> ann has a red cup . tom has a blue hat . <q> what does tom have ? <a> a blue hat``
-  (copy the object of the named person out of the context);
-* ``reverse`` ``<c> ... <q> who has the blue hat ? <a> tom`` (copy the person who owns the object);
-* ``add``     ``<c> ann has 3 apples . ann gets 4 more apples . <q> how many apples does ann have ? <a> 7 apples``
-  (a small addition table).
+* ``fact`` (two thirds), closed-book: ``<c> ben has a cat . ada lives in paris . <q> where does ben live ?
+  <a> in oslo``: the context states other facts, the asked one must have been learnt in training;
+* ``add``: ``<c> ann has 3 eggs . tom has 5 eggs . ann gets 4 more eggs . <q> how many eggs does ann have ?
+  <a> 7 eggs`` (with a distracting second person).
 
-Why this shape: a briefly trained small model gets these right often but not always, and when it is
-unsure its samples scatter over *different* wrong answers (other people, other objects, neighbouring
-numbers) while right samples all agree. Agreement among samples therefore correlates with correctness,
-which is the premise of STR: the majority of K samples is right more often than one sample.
+A share of the *training* answers is replaced by a wrong answer of the same type (``label_noise``). A model
+fitted to such data keeps the right answer as its most likely one while spreading the rest over many
+different wrong ones, so one sample is often wrong but the centre of K samples is usually right: agreement
+among samples tracks correctness, which is the premise of STR. Evaluation scores against the true answers.
 """
 from __future__ import annotations
 
