@@ -322,6 +322,8 @@ class ExperimentConfig:
             raise UserError("variants: name at least one of " + ", ".join(VARIANTS))
         for v in self.variants:
             check_choice("variants[]", v, VARIANTS)
+        if "str_online" in self.variants and self.ppo.online_rm_every < 1:
+            raise UserError("ppo.online_rm_every: must be >= 1 for the online reward-model variant (str_online)")
         interval = self.ranking.pairs.interval
         if interval is not None and interval >= self.sample.k:
             raise UserError(f"ranking.pairs.interval: IL must be < sample.k ({self.sample.k}), got {interval}")
