@@ -42,6 +42,21 @@ class AnnotationCost:
 
 
 @dataclass
+class AgreementSweepConfig:
+    # TextRank's agreement with the gold-based order per group size and embedder (train.agreement_sweep),
+    # on the first seed's SFT model of each named task (experiment YAML stems; empty: no sweep).
+    tasks: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=lambda: [4, 8, 16])
+    embedders: list[str] = field(default_factory=lambda: ["all-MiniLM-L6-v2", "lexical"])
+
+    def __post_init__(self):
+        if not self.sizes or any(not isinstance(k, int) or isinstance(k, bool) or k < 2 for k in self.sizes):
+            raise UserError(f"agreement_sweep.sizes: group sizes must be integers >= 2, got {self.sizes}")
+        if not self.embedders or any(not isinstance(e, str) or not e.strip() for e in self.embedders):
+            raise UserError(f"agreement_sweep.embedders: name at least one embedder, got {self.embedders}")
+
+
+@dataclass
 class GridConfig:
     name: str = "grid"
     tasks: list[str] = field(default_factory=list)  # experiment YAMLs
@@ -51,6 +66,7 @@ class GridConfig:
     results_doc: str | None = None  # e.g. docs/RESULTS.md
     command: str = ""  # the command that regenerates this grid, quoted in the results document
     annotation: AnnotationCost = field(default_factory=AnnotationCost)
+    agreement_sweep: AgreementSweepConfig = field(default_factory=AgreementSweepConfig)
     bootstrap: int = 1000
     confidence: float = 0.95
 
@@ -61,6 +77,10 @@ class GridConfig:
             raise UserError("seeds: name at least one seed")
         check_range("bootstrap", self.bootstrap, 10)
         check_range("confidence", self.confidence, 0.5, 1.0, high_open=True)
+        stems = [Path(t).stem for t in self.tasks]
+        unknown = [t for t in self.agreement_sweep.tasks if t not in stems]
+        if unknown:
+            raise UserError(f"agreement_sweep.tasks: {unknown} are not among the grid's tasks {stems}")
 
 
 def _per_example(eval_dir: Path, row: str, metric: str) -> np.ndarray:
@@ -182,7 +202,8 @@ def environment() -> dict:
             else None, "date": time.strftime("%Y-%m-%d")}
 
 
-def render(grid: GridConfig, tasks: dict[str, dict], ledgers: dict[str, list[dict]], env: dict) -> str:
+def render(grid: GridConfig, tasks: dict[str, dict], ledgers: dict[str, list[dict]], env: dict,
+           sweeps: dict[str, dict] | None = None) -> str:
     from train.report import format_table
 
     out = [f"# Results: {grid.name}", ""]
@@ -199,6 +220,11 @@ def render(grid: GridConfig, tasks: dict[str, dict], ledgers: dict[str, list[dic
         out += ["", "Ranking agreement (answers ordered by the learned reward / TextRank vs by METEOR to the gold "
                 "answer; mean over seeds):", ""]
         out += _agreement_lines(pooled["agreement"])
+        if (sweeps or {}).get(task):
+            out += ["", f"Agreement sweep: TextRank by group size K and embedder ({sweeps[task]['n_groups']} prompts, "
+                    "K answers each from the SFT model; METEOR x100 of the answer TextRank puts first, of a random "
+                    "answer (group mean) and of the group's best; 95% bootstrap CIs):", ""]
+            out += _sweep_lines(sweeps[task])
         out += ["", "Cost ledger (per run):", "", "| run | pairs | process-seconds | GPU-hours | crowd cost |",
                 "|---|---|---|---|---|"]
         for ledger in ledgers[task]:
@@ -234,6 +260,37 @@ def _plot(tasks: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def run_sweep(config, sweep: AgreementSweepConfig, run_dir: Path) -> dict:
+    """The agreement sweep of one run, computed once and kept in the run folder."""
+    from train.agreement_sweep import agreement_sweep
+    from train.data import load_task
+
+    path = run_dir / "agreement_sweep.json"
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("sizes") == sorted(sweep.sizes) and kept.get("embedders") == list(sweep.embedders):
+            return kept
+    result = agreement_sweep(config, run_dir / "sft" / "model", load_task(config.task).test, config.task.kind,
+                             sizes=sweep.sizes, embedders=sweep.embedders)
+    write_json(path, result)
+    return result
+
+
+def _sweep_lines(sweep: dict) -> list[str]:
+    pct = lambda v: "n/a" if v is None else f"{v * 100:.1f}%"  # noqa: E731
+    ci = lambda c: f"{c['mean'] * 100:.1f} [{c['low'] * 100:.1f}, {c['high'] * 100:.1f}]"  # noqa: E731
+    lines = ["| embedder | K | clusters | exact order (chance) | Kendall tau | top pick | random pick | best pick | "
+             "top - random |", "|---|---|---|---|---|---|---|---|---|"]
+    for cell in sweep.get("cells", []):
+        every = cell["textrank"]["all"]
+        tau = every.get("kendall_tau")
+        lines.append(f"| {cell['embedder']} | {cell['k']} | {cell['mean_clusters']:.1f} | "
+                     f"{pct(every.get('exact_match'))} ({pct(every.get('chance'))}) | "
+                     f"{'n/a' if tau is None else f'{tau:.3f}'} | {ci(cell['top_pick'])} | {ci(cell['random_pick'])} | "
+                     f"{ci(cell['best_pick'])} | {ci(cell['top_minus_random'])} |")
+    return lines
+
+
 def run_grid(grid: GridConfig) -> dict:
     from train.pipeline import run_pipeline
 
@@ -246,18 +303,22 @@ def run_grid(grid: GridConfig) -> dict:
             task_name = Path(task_path).stem
             configs[(task_name, seed)] = load_experiment(
                 task_path, [*grid.overrides, f"seed={seed}", f"name={task_name}-s{seed}", f"output_dir={root}"])
+    sweeps = {}
     for (task_name, seed), config in configs.items():
         log.info("grid %s: %s seed %d", grid.name, task_name, seed)
         run_pipeline(config, resume=True)
+        if task_name in grid.agreement_sweep.tasks and seed == grid.seeds[0]:
+            sweeps[task_name] = run_sweep(config, grid.agreement_sweep, root / f"{task_name}-s{seed}")
     tasks, ledgers = {}, {}
     for task_name in dict.fromkeys(t for t, _ in configs):
         dirs = [root / f"{task_name}-s{seed}" for seed in grid.seeds]
         tasks[task_name] = pool_task(dirs, grid)
         ledgers[task_name] = [{"run": d.name, **cost_ledger(d, grid.annotation)} for d in dirs]
     env = environment()
-    results = {"grid": dataclasses.asdict(grid), "environment": env, "tasks": tasks, "ledgers": ledgers}
+    results = {"grid": dataclasses.asdict(grid), "environment": env, "tasks": tasks, "ledgers": ledgers,
+               "agreement_sweeps": sweeps}
     write_json(root / "results.json", results)
-    text = render(grid, tasks, ledgers, env)
+    text = render(grid, tasks, ledgers, env, sweeps)
     write_text(root / "results.md", text)
     _plot(tasks, root / "results.png")
     if grid.results_doc:

@@ -188,6 +188,7 @@ class _Task:
     policy_version: int
     submitted: float
     deaths: int = 0  # workers that died while holding this group
+    ranker_id: str | None = None  # the id the ranker sees (it seeds noise), if not ``id``
 
 
 class _Worker:
@@ -315,7 +316,7 @@ class _PoolState:
             if batch[0].deaths == 0:  # a group that was with a dying worker goes alone
                 while len(batch) < size and self.pending and self.pending[0].deaths == 0:
                     batch.append(self.pending.popleft())
-            payload = [(t.seq, t.id, t.prompt, t.responses) for t in batch]
+            payload = [(t.seq, t.ranker_id or t.id, t.prompt, t.responses) for t in batch]
             try:
                 worker.conn.send(("rank", payload))
             except (OSError, EOFError):
@@ -504,10 +505,11 @@ class RankingPool:
     # ---- producer side
 
     def submit(self, group_id, prompt: str, responses, policy_version: int = 0,
-               block: bool = True, timeout: float | None = None) -> None:
+               block: bool = True, timeout: float | None = None, ranker_id: str | None = None) -> None:
         """Queue one group. Blocks while ``max_pending`` groups are unfinished; raises ``queue.Full``
         if ``block`` is False or ``timeout`` seconds pass first. Group ids must be unique among the
-        unfinished groups (``ValueError`` otherwise)."""
+        unfinished groups (``ValueError`` otherwise). ``ranker_id``: the id the ranker sees (it seeds
+        the group's noise), when the pool id carries more (a node pool's routing tag)."""
         s = self._state
         gid = str(group_id)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -526,6 +528,7 @@ class RankingPool:
             now = time.monotonic()
             task = _Task(next(s.seq), gid, prompt, list(responses) if isinstance(responses, (list, tuple)) else responses,
                          int(policy_version), now)
+            task.ranker_id = None if ranker_id is None else str(ranker_id)
             s.open[task.seq] = task
             s.open_ids[gid] = task.seq
             s.pending.append(task)

@@ -160,7 +160,7 @@ class SampleConfig:
     max_new_tokens: int = 64  # paper: < 100
     max_prompts: int | None = None
     batch_size: int = 16  # prompts per generate() call
-    workers: int = 1  # CPU ranking workers
+    workers: int = 1  # CPU ranking workers per node (one pool per node, shared by its processes)
     # Rank through the async pool while generation continues; False ranks each batch inline.
     async_ranking: bool = True
 

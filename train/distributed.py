@@ -67,6 +67,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_rank() -> int:
+    """Rank of this process on its node (the launcher's ``LOCAL_RANK``; 0 without a launcher)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def is_main() -> bool:
     """True on the global rank 0: the process that logs, writes files and shows progress bars."""
     return rank() == 0
@@ -212,6 +217,16 @@ def gather_object(items: list, accelerator) -> list:
     from accelerate.utils import gather_object as _gather
 
     return list(_gather(list(items)))
+
+
+def gather_lists(items: list, group) -> list:
+    """All ranks' lists concatenated in rank order, over ``group`` (e.g. a gloo group with a long
+    timeout, for stages that work for hours between collectives). Collective."""
+    if world_size() == 1:
+        return list(items)
+    out: list = [None] * world_size()
+    torch.distributed.all_gather_object(out, list(items), group=group)
+    return [item for part in out for item in part]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -66,26 +66,45 @@ def _batch_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
-def answer_examples(config: ExperimentConfig, folder: Path, prompts: Sequence[str], desc: str) -> list[str]:
-    """One answer per prompt from the model in ``folder``, with ``config.eval`` decoding."""
+def generate_batches(config: ExperimentConfig, folder: Path, prompts: Sequence[str], *, n: int, per_call: int,
+                     seed: int, decoding: dict, desc: str, group=None) -> list[str]:
+    """``n`` answers per prompt from the model in ``folder``, ``per_call`` prompts per generate() call.
+
+    Call ``i`` is seeded by ``(seed, i)`` alone, so the answers do not depend on the number of
+    processes: under a launcher (``group``: a process group) call ``i`` runs on rank ``i % world``
+    and every rank gets all answers back in prompt order. Collective then."""
+    from . import distributed as dist
     from .generation import generate
     from .models import load_model
 
-    ev = config.eval
+    rank, world = (dist.rank(), dist.world_size()) if group is not None else (0, 1)
+    starts = list(range(0, len(prompts), per_call))
+    mine = [(index, start) for index, start in enumerate(starts) if index % world == rank]
     model, tokenizer = load_model(Path(folder), config.model)
     model.to(_device()).eval()
-    texts: list[str] = []
-    with tqdm(total=len(prompts), desc=desc, unit="example") as bar:
-        for index, start in enumerate(range(0, len(prompts), ev.batch_size)):
-            chunk = list(prompts[start:start + ev.batch_size])
-            generation = generate(model, tokenizer, chunk, n=1, do_sample=ev.do_sample, temperature=ev.temperature,
-                                  top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
-                                  seed=_batch_seed(ev.seed, index), batch_size=ev.batch_size)
-            texts.extend(t.strip() for t in generation.texts)
-            bar.update(len(chunk))
+    done: list[tuple[int, list[str]]] = []
+    for index, start in tqdm(mine, desc=desc, unit="batch", disable=not dist.is_main()):
+        generation = generate(model, tokenizer, list(prompts[start:start + per_call]), n=n,
+                              seed=_batch_seed(seed, index), batch_size=config.eval.batch_size, **decoding)
+        done.append((index, [t.strip() for t in generation.texts]))
     del model, tokenizer
     _free_memory()
-    return texts
+    if group is not None:
+        done = dist.gather_lists(done, group)
+    return [text for _, texts in sorted(done) for text in texts]
+
+
+def _eval_decoding(config: ExperimentConfig) -> dict:
+    ev = config.eval
+    return {"do_sample": ev.do_sample, "temperature": ev.temperature, "top_p": ev.top_p,
+            "max_new_tokens": ev.max_new_tokens}
+
+
+def answer_examples(config: ExperimentConfig, folder: Path, prompts: Sequence[str], desc: str,
+                    group=None) -> list[str]:
+    """One answer per prompt from the model in ``folder``, with ``config.eval`` decoding."""
+    return generate_batches(config, folder, prompts, n=1, per_call=config.eval.batch_size, seed=config.eval.seed,
+                            decoding=_eval_decoding(config), desc=desc, group=group)
 
 
 def _ci(values: np.ndarray, config: ExperimentConfig) -> dict:
@@ -106,38 +125,42 @@ def read_curves(path: Path) -> dict:
     return columns
 
 
-def agreement_groups(config: ExperimentConfig, sft_folder: Path, examples: Sequence, references: list[list[str]],
-                     reward_folders: dict[str, Path]) -> list[AgreementGroup]:
-    """Sample groups of answers from the SFT model, rank them (TextRank + ISODATA), score them with
-    every reward model and with METEOR against the gold references."""
-    from ranking.ranker import Ranker
+def sample_groups(config: ExperimentConfig, model_folder: Path, prompts: Sequence[str], k: int,
+                  desc: str = "agreement samples", group=None) -> list[list[str]]:
+    """``k`` answers per prompt from one model, with the sample stage's decoding and eval's seeds."""
+    ev = config.eval
+    decoding = {"do_sample": True, "temperature": config.sample.temperature, "top_p": config.sample.top_p,
+                "max_new_tokens": ev.max_new_tokens}
+    texts = generate_batches(config, model_folder, prompts, n=k, per_call=max(1, ev.batch_size // k),
+                             seed=ev.seed + 1, decoding=decoding, desc=desc, group=group)
+    return [texts[j * k:(j + 1) * k] for j in range(len(prompts))]
 
-    from .generation import generate
-    from .models import load_model
-    from .reward_model import RewardModel, score
 
+def study_prompts(config: ExperimentConfig, examples: Sequence) -> list[int]:
+    """The indices of the test examples the ranking study uses (seeded, sorted)."""
     ev = config.eval
     rng = np.random.default_rng(ev.seed)
     count = min(ev.agreement_groups, len(examples))
-    picked = sorted(rng.choice(len(examples), size=count, replace=False).tolist())
-    k = ev.agreement_group_size
+    return sorted(rng.choice(len(examples), size=count, replace=False).tolist())
+
+
+def agreement_groups(config: ExperimentConfig, sft_folder: Path, examples: Sequence, references: list[list[str]],
+                     reward_folders: dict[str, Path], group=None) -> list[AgreementGroup] | None:
+    """Sample groups of answers from the SFT model, rank them (TextRank + ISODATA), score them with
+    every reward model and with METEOR against the gold references. Under a launcher the sampling is
+    shared out (``group``) and the rest runs on the main process (None elsewhere)."""
+    from . import distributed as dist
+    from ranking.ranker import Ranker
+
+    from .reward_model import RewardModel, score
+
+    ev = config.eval
+    picked = study_prompts(config, examples)
     prompts = [examples[i].prompt for i in picked]
-
-    model, tokenizer = load_model(Path(sft_folder), config.model)
-    model.to(_device()).eval()
-    texts: list[str] = []
-    per_call = max(1, ev.batch_size // k)
-    for index, start in enumerate(tqdm(range(0, count, per_call), desc="agreement samples", unit="batch")):
-        generation = generate(model, tokenizer, prompts[start:start + per_call], n=k, do_sample=True,
-                              temperature=config.sample.temperature, top_p=config.sample.top_p,
-                              max_new_tokens=ev.max_new_tokens, seed=_batch_seed(ev.seed + 1, index),
-                              batch_size=ev.batch_size)
-        texts.extend(t.strip() for t in generation.texts)
-    del model, tokenizer
-    _free_memory()
-
-    raw = [{"id": examples[i].id, "prompt": prompts[j], "responses": texts[j * k:(j + 1) * k]}
-           for j, i in enumerate(picked)]
+    answers = sample_groups(config, sft_folder, prompts, ev.agreement_group_size, group=group)
+    if not dist.is_main():
+        return None
+    raw = [{"id": examples[i].id, "prompt": prompts[j], "responses": answers[j]} for j, i in enumerate(picked)]
     ranked = Ranker(config.ranking).rank(raw)
     groups = [AgreementGroup(id=r.id, ref_scores=[meteor(resp, references[i]) for resp in r.responses],
                              scores={TEXTRANK: [float(s) for s in r.scores]},
@@ -164,11 +187,15 @@ def agreement_groups(config: ExperimentConfig, sft_folder: Path, examples: Seque
 
 def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], examples: list, out_folder: Path, *,
                   reward_folders: dict[str, Path] | None = None, ppo_logs: dict[str, Path] | None = None,
-                  task_kind: str) -> dict:
+                  task_kind: str, group=None) -> dict | None:
     """Score every ``(name, model folder)`` row on ``examples``, run the ranking study, write the report.
 
     Returns the results dict that ``train.report.write_report`` renders (also saved as ``report.json``).
+    Under a launcher (``group``: the job's process group) every process generates a share of each
+    row's answers; the main process scores them and writes the report; the others return None.
     """
+    from . import distributed as dist
+
     ev = config.eval
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -195,7 +222,9 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
     }
     per_example: dict[str, dict[str, np.ndarray]] = {}
     for name, folder in tqdm(rows, desc="eval rows", unit="row"):
-        texts = answer_examples(config, folder, prompts, desc=f"eval {name}")
+        texts = answer_examples(config, folder, prompts, desc=f"eval {name}", group=group)
+        if not dist.is_main():
+            continue
         scores = score_examples(texts, references, qa=qa, unanswerable=unanswerable)
         per_example[name] = scores
         generations_file = f"generations_{name}.jsonl"
@@ -221,7 +250,10 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
 
     folders = dict(rows)
     if ev.agreement_groups > 0 and BASELINE_ROW in folders:
-        groups = agreement_groups(config, folders[BASELINE_ROW], examples, references, reward_folders or {})
+        groups = agreement_groups(config, folders[BASELINE_ROW], examples, references, reward_folders or {}, group)
+    if not dist.is_main():
+        return None
+    if ev.agreement_groups > 0 and BASELINE_ROW in folders:
         write_jsonl(out / "agreement_groups.jsonl", (
             {"id": g.id, **g.meta, "ref_scores": g.ref_scores, "scores": g.scores,
              "representatives": g.representatives} for g in groups))

@@ -6,10 +6,12 @@ and PPO stages train one model per STR variant (``reward/<variant>/``, ``ppo/<va
 
 Under ``accelerate launch`` (``accelerate launch -m launch.cli run CONFIG``) every process runs this
 function. The sft, reward and ppo stages are collective (sharded global batches, see ``train.distributed``);
-the sample and eval stages run on the main process only for now while the other processes wait
-at a barrier without a deadline (a stage may take hours; if the main process dies the launcher stops
-the rest). Only the main process writes ``config.yaml`` and the ``DONE.json`` summaries; each summary
-records ``processes`` (the world size) and ``gpu_hours`` (processes x hours on CUDA, else 0).
+the sample and eval stages deal their generation batches round-robin to the processes (seeded per
+batch, so the outputs do not depend on the number of processes), rank through one ranking pool per
+node, and the main process merges, scores and writes. Their collectives go through a gloo group
+without a practical deadline (a stage may take hours; if a process dies the launcher stops the rest).
+Only the main process writes ``config.yaml`` and the ``DONE.json`` summaries; each summary records
+``processes`` (the world size) and ``gpu_hours`` (processes x hours on CUDA, else 0).
 
 Tracking stays outside this package: the caller passes plain callbacks (``log``, ``log_table``,
 ``log_files``) that the stages call with their metrics; none of them is required.
@@ -39,9 +41,10 @@ from .signals import stop_if_requested
 
 log = logging.getLogger(__name__)
 
-# Stages that run on the main process only (the others wait): not yet sharded across processes.
-MAIN_ONLY_STAGES = ("sample", "eval")
-# Waiting for a main-only stage has no practical deadline (the process group's own timeout is minutes).
+# Stages that load whole (not ZeRO-partitioned) models on every process: they only generate.
+INFERENCE_STAGES = ("sample", "eval")
+# Waiting at a barrier of the sample/eval stages has no practical deadline (the process group's own
+# timeout is minutes, and one process may finish its share long before another).
 _WAIT_TIMEOUT = timedelta(days=30)
 
 
@@ -102,16 +105,18 @@ VARIANT_SETTINGS = {
 }
 
 
-def _stage_sft(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks) -> dict:
+def _stage_sft(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks, barrier: "_Barrier") -> dict | None:
     from .sft import run as run_sft
 
     return run_sft(config, run, resume, log_step=hooks.stage_log("sft"))
 
 
-def _stage_sample(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks) -> dict:
+def _stage_sample(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks, barrier: "_Barrier") -> dict | None:
     from .sample import run as run_sample
 
-    summary = run_sample(config, run, resume)
+    summary = run_sample(config, run, resume, barrier=barrier)
+    if summary is None:  # another process; the main one writes the outputs and logs
+        return None
     groups = [json.loads(line) for line in (run.root / "sample" / "ranked.jsonl").open(encoding="utf-8")]
     hooks.log_table("answers", groups, "sample")
     hooks.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, 0, "sample")
@@ -144,7 +149,7 @@ def _per_variant(config: ExperimentConfig, run: RunDir, name: str, train_one: Ca
     return {"variants": summaries}
 
 
-def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks) -> dict:
+def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks, barrier: "_Barrier") -> dict | None:
     from .reward import train_reward
 
     sample = run.require("sample")
@@ -163,7 +168,7 @@ def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Ho
     return _per_variant(config, run, "reward", train_one)
 
 
-def _stage_ppo(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks) -> dict:
+def _stage_ppo(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks, barrier: "_Barrier") -> dict | None:
     from ranking.pool import RankingPool
 
     from .data import load_task
@@ -197,7 +202,7 @@ def eval_rows(config: ExperimentConfig, run: RunDir) -> list[tuple[str, Path]]:
     return [(name, folder) for name, folder in rows if folder.is_dir()]
 
 
-def _stage_eval(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks) -> dict:
+def _stage_eval(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks, barrier: "_Barrier") -> dict | None:
     from .data import load_task
     from .evaluate import evaluate_rows
 
@@ -206,7 +211,10 @@ def _stage_eval(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hook
     reward_folders = {v: run.root / "reward" / v / "model" for v in config.variants if run.is_done(f"reward/{v}")}
     ppo_logs = {v: run.root / "ppo" / v / "log.jsonl" for v in config.variants if run.is_done(f"ppo/{v}")}
     results = evaluate_rows(config, eval_rows(config, run), examples, run.stage("eval"),
-                            reward_folders=reward_folders, ppo_logs=ppo_logs, task_kind=config.task.kind)
+                            reward_folders=reward_folders, ppo_logs=ppo_logs, task_kind=config.task.kind,
+                            group=barrier.group)
+    if results is None:  # another process: the main one scores and reports
+        return None
     hooks.log(eval_metrics(results), 0, "eval")
     eval_dir = run.root / "eval"
     hooks.log_files(sorted(p for p in eval_dir.iterdir() if p.is_file() and p.name.startswith("report"))
@@ -225,7 +233,7 @@ def eval_metrics(results: dict) -> dict[str, float]:
     return flat
 
 
-STAGE_FUNCS: dict[str, Callable[[ExperimentConfig, RunDir, bool, Hooks], dict]] = {
+STAGE_FUNCS: dict[str, Callable[[ExperimentConfig, RunDir, bool, Hooks, _Barrier], dict | None]] = {
     "sft": _stage_sft,
     "sample": _stage_sample,
     "reward": _stage_reward,
@@ -249,7 +257,7 @@ def check_order(config: ExperimentConfig, stages: list[str]) -> None:
 
 
 def _whole(fn):
-    """Run a main-process-only stage with whole model weights (a ZeRO-3 partitioned load is collective)."""
+    """Run an inference stage with whole model weights on every process (ZeRO-3 would partition them)."""
     from . import distributed as dist
 
     with dist.whole_weights(dist.get_accelerator()):
@@ -290,18 +298,14 @@ def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, r
         logger.info("%s: starting", stage)
         seed_everything(config.seed)
         started = time.perf_counter()
-        if stage in MAIN_ONLY_STAGES and barrier.world > 1:
-            logger.info("%s: runs on the main process only; %d other process(es) wait", stage, barrier.world - 1)
-            summary = barrier.on_main(lambda: _whole(lambda: STAGE_FUNCS[stage](config, run, resume, hooks)))
-            processes = 1
+        if stage in INFERENCE_STAGES and barrier.world > 1:
+            summary = _whole(lambda: STAGE_FUNCS[stage](config, run, resume, hooks, barrier))
         else:
-            summary = STAGE_FUNCS[stage](config, run, resume, hooks)
-            processes = barrier.world
-        if summary is not None:  # None on a process that waited for a main-only stage
+            summary = STAGE_FUNCS[stage](config, run, resume, hooks, barrier)
+        if summary is not None:  # None on the processes other than the main one
             summary["stage_seconds"] = time.perf_counter() - started
-            # Every process is held for the stage, so the ledger counts all of them even when one works.
             summary.update(stage_cost(summary["stage_seconds"], barrier.world))
-            summary["working_processes"] = processes
+            summary["working_processes"] = barrier.world
             if dist.is_main():
                 run.mark_done(stage, summary)
         barrier.wait()

@@ -3,11 +3,16 @@
 Generation runs in this process while a pool of CPU workers ranks the finished groups through a
 queue (``ranking.pool``), so ranking hides behind generation. Outputs in ``runs/<name>/sample/``:
 ``ranked.jsonl`` (one ranked group per prompt) and ``pairs.jsonl`` (one (winner, loser) pair per line).
-A killed run resumes from ``progress.jsonl``, which holds the groups ranked so far (batches are seeded
-by their index, so a resumed run produces the same samples).
+
+Under a launcher the batches are dealt round-robin to the processes (batch ``i`` to rank
+``i % world``), every process feeds its node's shared ranking pool (``train.ranking_service``), and
+the main process merges the results. Batches are seeded by their index, so the samples, and so the
+outputs, are the same for any number of processes. Each process appends what it has ranked to its
+own ``progress.<rank>.jsonl``; a killed run resumes from all of them, with any number of processes.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -56,7 +61,8 @@ def pair_rows(group: dict) -> list[dict]:
     return rows
 
 
-def _load_progress(path: Path) -> dict[str, dict]:
+def _read_progress(path: Path) -> dict[str, dict]:
+    """The groups in one progress file, up to a torn last line (a kill mid-write)."""
     done: dict[str, dict] = {}
     if not path.is_file():
         return done
@@ -65,39 +71,62 @@ def _load_progress(path: Path) -> dict[str, dict]:
             try:
                 group = json.loads(line)
             except json.JSONDecodeError:
-                break  # a torn last line from a kill: everything before it is intact
+                break  # everything before a torn line is intact
             done[group["id"]] = group
     return done
 
 
-def run(config: ExperimentConfig, run: RunDir, resume: bool) -> dict:
-    from ranking.pool import RankingPool
+def _load_progress(folder: Path) -> dict[str, dict]:
+    """Groups ranked so far, from every process's progress file (whatever the world size was)."""
+    done: dict[str, dict] = {}
+    for path in sorted(folder.glob("progress.*.jsonl")):
+        done.update(_read_progress(path))
+    return done
+
+
+def _noop() -> None:
+    return None
+
+
+def run(config: ExperimentConfig, run: RunDir, resume: bool, *, barrier=None) -> dict | None:
+    """Sample and rank; collective under a launcher. The summary on the main process, None elsewhere.
+
+    ``barrier``: the pipeline's barrier (``wait()`` and a gloo ``group``), needed with several processes."""
     from ranking.ranker import Ranker
 
+    from . import distributed as dist
     from .data import load_task
     from .generation import generate
     from .models import load_model
+    from .ranking_service import ranking_pool
 
+    rank, world = dist.rank(), dist.world_size()
+    wait = barrier.wait if barrier is not None else _noop
     sft_model = run.require("sft") / "model"
     out = run.stage("sample")
-    progress_path = out / "progress.jsonl"
-    if not resume:
-        progress_path.unlink(missing_ok=True)
-    done = _load_progress(progress_path)
-    if progress_path.is_file():  # drop a torn last line (a kill mid-write): new rows start on their own line
-        write_jsonl(progress_path, done.values())
+    if not resume and dist.is_main():
+        for stale in out.glob("progress.*.jsonl"):
+            stale.unlink()
+    wait()
+    done = _load_progress(out)
+    wait()  # everyone has read every file before anyone rewrites its own
+    progress_path = out / f"progress.{rank}.jsonl"
+    if progress_path.is_file():  # rewritten without a torn last line: new rows start on their own line
+        write_jsonl(progress_path, _read_progress(progress_path).values())
 
     data = load_task(config.task)
     examples = data.train[: config.sample.max_prompts] if config.sample.max_prompts else data.train
     model, tokenizer = load_model(sft_model, config.model)
     ranking = ranking_config_for(config)
     k, size = config.sample.k, config.sample.batch_size
-    batches = [examples[i:i + size] for i in range(0, len(examples), size)]
+    batches = [(i, examples[i:i + size]) for i in range(0, len(examples), size)]
+    batches = [(index, batch) for index, (_, batch) in enumerate(batches) if index % world == rank]
 
     started = time.perf_counter()
     generate_s = 0.0
     failures: list[str] = []
-    with open(progress_path, "a", encoding="utf-8") as progress:
+    pool_stats: dict = {}
+    with open(progress_path, "a", encoding="utf-8") as progress, contextlib.ExitStack() as stack:
 
         def keep(group: dict) -> None:
             done[group["id"]] = group
@@ -110,50 +139,60 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool) -> dict:
             else:
                 keep(result.ranked.to_json())
 
-        pool = RankingPool(ranking, workers=config.sample.workers) if config.sample.async_ranking else None
+        pool = None
+        if config.sample.async_ranking:
+            pool = stack.enter_context(ranking_pool(ranking, config.sample.workers,
+                                                    group=getattr(barrier, "group", None), wait=wait))
         ranker = None if pool else Ranker(ranking)
-        try:
-            for index, batch in enumerate(tqdm(batches, desc="sample+rank", unit="batch")):
-                stop_if_requested("sample", index, None, progress_path)  # the progress file is the checkpoint
-                todo = [ex for ex in batch if ex.id not in done]
-                if not todo:
-                    continue
-                tick = time.perf_counter()
-                generation = generate(
-                    model, tokenizer, [ex.prompt for ex in batch], n=k, do_sample=True,
-                    temperature=config.sample.temperature, top_p=config.sample.top_p,
-                    max_new_tokens=config.sample.max_new_tokens, seed=config.seed * 100_003 + index,
-                    batch_size=size * k,
-                )
-                generate_s += time.perf_counter() - tick
-                groups = [
-                    {"id": ex.id, "prompt": ex.prompt, "responses": generation.texts[i * k:(i + 1) * k]}
-                    for i, ex in enumerate(batch) if ex.id not in done
-                ]
-                if pool is not None:
-                    for group in groups:
-                        pool.submit(group["id"], group["prompt"], group["responses"])
-                    for result in pool.poll():
-                        take(result)
-                else:
-                    for ranked in ranker.rank(groups):
-                        keep(ranked.to_json())
+        for index, batch in tqdm(batches, desc="sample+rank", unit="batch", disable=not dist.is_main()):
+            stop_if_requested("sample", index, None, progress_path)  # the progress files are the checkpoint
+            todo = [ex for ex in batch if ex.id not in done]
+            if not todo:
+                continue
+            tick = time.perf_counter()
+            generation = generate(
+                model, tokenizer, [ex.prompt for ex in batch], n=k, do_sample=True,
+                temperature=config.sample.temperature, top_p=config.sample.top_p,
+                max_new_tokens=config.sample.max_new_tokens, seed=config.seed * 100_003 + index,
+                batch_size=size * k,
+            )
+            generate_s += time.perf_counter() - tick
+            groups = [
+                {"id": ex.id, "prompt": ex.prompt, "responses": generation.texts[i * k:(i + 1) * k]}
+                for i, ex in enumerate(batch) if ex.id not in done
+            ]
             if pool is not None:
-                for result in pool.drain():
+                for group in groups:
+                    pool.submit(group["id"], group["prompt"], group["responses"])
+                for result in pool.poll():
                     take(result)
-                pool_stats = pool.stats()
             else:
-                pool_stats = {}
-        finally:
-            if pool is not None:
-                pool.close()
+                for ranked in ranker.rank(groups):
+                    keep(ranked.to_json())
+        if pool is not None:
+            for result in pool.drain():
+                take(result)
+            pool_stats = pool.stats()
 
+    wait()  # every process has written all it ranked
+    group = getattr(barrier, "group", None)
+    failures = dist.gather_lists(failures, group)
+    generate_s = sum(dist.gather_lists([generate_s], group))
     if failures:
         raise RuntimeError(f"{len(failures)} groups failed to rank; first: {failures[0]}")
+    if not dist.is_main():
+        wait()
+        return None
+    done = _load_progress(out)
+    missing = [ex.id for ex in examples if ex.id not in done]
+    if missing:
+        raise RuntimeError(f"sample: {len(missing)} prompts were not ranked (first: {missing[0]})")
     ordered = [done[ex.id] for ex in examples]
     write_jsonl(out / "ranked.jsonl", ordered)
     n_pairs = write_jsonl(out / "pairs.jsonl", (row for group in ordered for row in pair_rows(group)))
-    progress_path.unlink(missing_ok=True)
+    for path in out.glob("progress.*.jsonl"):
+        path.unlink()
+    wait()
     seconds = time.perf_counter() - started
     summary = {
         "prompts": len(ordered),
@@ -162,7 +201,7 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool) -> dict:
         "pairs_noised": sum(1 for g in ordered for r in (g.get("noise") or []) if r),
         "mean_representatives": sum(len(g["representatives"]) for g in ordered) / max(len(ordered), 1),
         "seconds": seconds,
-        "generate_seconds": generate_s,
+        "generate_seconds": generate_s,  # summed over processes
         "ranking": {key: v for key, v in pool_stats.items() if isinstance(v, (int, float))},
     }
     log.info("sample: %d prompts, %d pairs in %.1fs", summary["prompts"], n_pairs, seconds)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from launch.experiment import GridConfig, run_grid
+from launch.experiment import AgreementSweepConfig, GridConfig, run_grid
 
 
 def test_grid_smoke_on_real_squad(tmp_path, repo_root, shared_data, monkeypatch):
@@ -12,12 +12,13 @@ def test_grid_smoke_on_real_squad(tmp_path, repo_root, shared_data, monkeypatch)
             "sft.batch_size=8", "sft.baselines=[bitfit]", "sample.max_prompts=6", "sample.k=4",
             "sample.async_ranking=false", "ranking.embedder.name=lexical", "reward.max_steps=3",
             "reward.batch_size=4", "ppo.steps=2", "ppo.batch_size=4", "ppo.max_new_tokens=6",
-            "eval.max_examples=12", "eval.max_new_tokens=6", "eval.bootstrap=50", "eval.agreement_groups=2",
+            "eval.max_examples=12", "eval.max_new_tokens=6", "eval.bootstrap=50", "eval.agreement_groups=4",
             "model.tiny.vocab_size=400", "variants=[str, str_noise]"]
     doc = tmp_path / "RESULTS.md"
     grid = GridConfig(name="smoke", tasks=["configs/tiny_squad_v2.yaml"], seeds=[3], overrides=tiny,
                       output_dir=str(tmp_path), results_doc=str(doc), command="selfrank experiment smoke.yaml",
-                      bootstrap=50)
+                      bootstrap=50, agreement_sweep=AgreementSweepConfig(tasks=["tiny_squad_v2"], sizes=[4, 2],
+                                                                         embedders=["lexical"]))
     results = run_grid(grid)
     pooled = results["tasks"]["tiny_squad_v2"]
     assert list(pooled["rows"]) == ["original", "sft", "bitfit", "str", "str_noise"]
@@ -28,10 +29,19 @@ def test_grid_smoke_on_real_squad(tmp_path, repo_root, shared_data, monkeypatch)
     sample = json.loads((tmp_path / "smoke" / "tiny_squad_v2-s3" / "sample" / "DONE.json").read_text())
     assert ledger["pairs"] == sample["pairs"] > 0
     assert ledger["crowd_cost"] == ledger["pairs"] * 3 * 0.10
+    sweep = results["agreement_sweeps"]["tiny_squad_v2"]
+    assert sweep["n_groups"] == 4 and [(c["embedder"], c["k"]) for c in sweep["cells"]] == [("lexical", 2), ("lexical", 4)]
+    for cell in sweep["cells"]:
+        assert cell["best_pick"]["mean"] >= cell["top_pick"]["mean"] - 1e-12
+        assert cell["best_pick"]["mean"] >= cell["random_pick"]["mean"] - 1e-12
+        assert 1 <= cell["mean_clusters"] <= cell["k"]
+        assert cell["textrank"]["all"]["n_groups"] == 4
     text = doc.read_text()
+    assert "Agreement sweep" in text and "| lexical | 4 |" in text
     assert "selfrank experiment smoke.yaml" in text and "| STR + noise |" in text and "Cost ledger" in text
     assert (tmp_path / "smoke" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Rerunning reuses every completed stage.
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "smoke").rglob("DONE.json")}
+    kept = [*(tmp_path / "smoke").rglob("DONE.json"), tmp_path / "smoke" / "tiny_squad_v2-s3" / "agreement_sweep.json"]
+    stamps = {p: p.stat().st_mtime_ns for p in kept}
     run_grid(grid)
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "smoke").rglob("DONE.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in kept} == stamps

@@ -17,7 +17,7 @@ STAGES = ("sft", "sample", "reward", "ppo", "eval")
 KILL_POINTS = [
     ("sft", "sft/original/config.json"),          # before the first SFT checkpoint: restart from scratch
     ("sft", "sft/checkpoint/progress.json"),      # after one: continue from it
-    ("sample", "sample/progress.jsonl"),          # some groups ranked
+    ("sample", "sample/progress.0.jsonl"),        # some groups ranked
     ("reward", "reward/str/checkpoint/checksums.json"),
     ("ppo", "ppo/str/log.jsonl"),
     ("eval", "eval/generations_original.jsonl"),

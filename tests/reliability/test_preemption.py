@@ -6,7 +6,6 @@ import json
 import resource
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest

@@ -108,3 +108,21 @@ def test_agreement_study_mixed_results_and_errors():
     assert out["scorers"]["noisy"]["isodata"]["n_groups"] == 0  # no representatives given
     with pytest.raises(ValueError, match="group 0"):
         agreement_study([_group(0, [1, 2, 3], {"x": [1, 2]})])
+
+
+def test_pick_scores_hand_case():
+    from train.agreement_sweep import pick_scores
+
+    # Group 1: the ranker's top answer (index 1) is the best by the reference.
+    # Group 2: the ranker's top answer (index 0) has reference 0.1; the best (0.5) is tied by two answers.
+    ranked = [[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]]
+    ref = [[0.0, 0.9, 0.3], [0.1, 0.5, 0.5]]
+    out = pick_scores(ranked, ref, n_resamples=50)
+    assert out["top_pick"]["mean"] == pytest.approx((0.9 + 0.1) / 2)
+    assert out["random_pick"]["mean"] == pytest.approx((0.4 + 1.1 / 3) / 2)
+    assert out["best_pick"]["mean"] == pytest.approx((0.9 + 0.5) / 2)
+    assert out["top_is_best"]["mean"] == pytest.approx(0.5)
+    assert out["top_is_best_chance"] == pytest.approx((1 / 3 + 2 / 3) / 2)
+    assert out["top_minus_random"]["mean"] == pytest.approx(out["top_pick"]["mean"] - out["random_pick"]["mean"])
+    for name in ("top_pick", "random_pick", "best_pick", "top_minus_random"):
+        assert out[name]["low"] <= out[name]["mean"] <= out[name]["high"]

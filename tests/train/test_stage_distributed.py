@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tests.train.test_distributed import ACCELERATE, DS_CONFIG, REPO, finish, fr
 from tests.train.test_reward import write_preferences
 from train.config import TrackingConfig
 from train.models import load_model
+from train.pipeline import run_pipeline
 from train.reward_model import RewardModel
 
 WORKER = Path(__file__).resolve().parent / "dist_scripts" / "stage_train.py"
@@ -121,6 +123,8 @@ def test_two_processes_follow_the_one_process_trajectory_and_save_loadable_model
 def test_selfrank_run_under_accelerate_with_two_processes_and_wandb(tmp_path):
     config = tiny_config(tmp_path / "runs", name="dist-pipe",
                          tracking=TrackingConfig(wandb="offline", project="selfrank-test"))
+    # Both processes rank through one pool on this node (served by local rank 0).
+    config = dataclasses.replace(config, sample=dataclasses.replace(config.sample, async_ranking=True, workers=1))
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     # The shipped CPU launcher config (2 processes, gloo), as the docs tell users to run it.
@@ -137,9 +141,12 @@ def test_selfrank_run_under_accelerate_with_two_processes_and_wandb(tmp_path):
     for stage in ("sft", "sample", "reward", "ppo", "eval"):
         summary = json.loads((run_dir / stage / "DONE.json").read_text())
         assert summary["processes"] == 2 and summary["gpu_hours"] == 0.0, (stage, summary)
-        assert summary["working_processes"] == (2 if stage in ("sft", "reward", "ppo") else 1)
+        assert summary["working_processes"] == 2
     for variant in config.variants:
         assert json.loads((run_dir / "reward" / variant / "DONE.json").read_text())["processes"] == 2
+    ranking = json.loads((run_dir / "sample" / "DONE.json").read_text())["ranking"]
+    # Batch 0 (4 prompts) went to the main process, batch 1 to the other; one shared pool of 1 worker.
+    assert ranking["client_completed"] == 4 and ranking["workers"] == 1, ranking
     assert (run_dir / "sft" / "model" / "model.safetensors").is_file()
     load_model(run_dir / "sft" / "model")  # the saved folder loads in one process
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["name"] == "dist-pipe"
@@ -164,3 +171,19 @@ def test_selfrank_run_under_accelerate_with_two_processes_and_wandb(tmp_path):
     artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     assert any(a.name == "eval-report" and "report.md" in [c.path for c in a.manifest.contents] for a in artifacts)
     assert seconds < 150, seconds
+
+    # Sample and eval were shared out batch by batch: one process gets the same outputs from the same SFT model.
+    single = tmp_path / "single"
+    shutil.copytree(run_dir / "sft", single / "dist-pipe" / "sft")
+    run_pipeline(dataclasses.replace(config, output_dir=str(single), tracking=TrackingConfig()), ["sample", "eval"])
+    for name in ("sample/ranked.jsonl", "sample/pairs.jsonl", "eval/generations_sft.jsonl",
+                 "eval/generations_original.jsonl"):
+        assert (single / "dist-pipe" / name).read_text() == (run_dir / name).read_text(), name
+
+    def textrank_groups(path: Path) -> list[dict]:  # the one-process rerun has no reward models to score with
+        groups = [json.loads(line) for line in path.read_text().splitlines()]
+        return [{**g, "scores": {"textrank": g["scores"]["textrank"]}} for g in groups]
+
+    assert textrank_groups(single / "dist-pipe" / "eval" / "agreement_groups.jsonl") == \
+        textrank_groups(run_dir / "eval" / "agreement_groups.jsonl")
+    assert not list((run_dir / "sample").glob("progress.*"))  # merged and removed
