@@ -20,7 +20,7 @@ export NLTK_DATA := $(NLTK_DATA_DIR)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench experiment clean
 
 SLURM_BIN := /usr/sbin/slurmd
 
@@ -49,6 +49,10 @@ test: setup $(SLURM_BIN)
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# The paper's grid at laptop scale on the real datasets; regenerates docs/RESULTS.md (about an hour on 2 cores).
+experiment: setup
+	$(VENV)/bin/selfrank experiment configs/grid_cpu.yaml
 
 clean:
 	rm -rf runs .pytest_cache

@@ -169,10 +169,9 @@ def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Ho
 
 
 def _stage_ppo(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks, barrier: "_Barrier") -> dict | None:
-    from ranking.pool import RankingPool
-
     from .data import load_task
     from .ppo import train_ppo
+    from .ranking_service import ranking_pool
 
     sft_model = run.require("sft") / "model"
     prompts = [ex.prompt for ex in load_task(config.task).train]
@@ -180,14 +179,13 @@ def _stage_ppo(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks
     def train_one(variant: str, stage: str) -> dict:
         rm_folder = run.require(f"reward/{variant}") / "model"
         _, _, online = VARIANT_SETTINGS[variant]
-        # PPO is collective (train.ppo); the ranking pool lives on the main process only.
-        pool = RankingPool(config.ranking, workers=config.sample.workers) if online and dist.is_main() else None
-        try:
+        if not online:
+            return train_ppo(config, prompts, sft_model, rm_folder, run.stage(stage), resume=resume)
+        # The online variant ranks its rollouts through the node's pool (collective, like PPO itself).
+        with ranking_pool(config.ranking, config.sample.workers, group=barrier.group, wait=barrier.wait,
+                          ready=True) as pool:
             return train_ppo(config, prompts, sft_model, rm_folder, run.stage(stage), resume=resume,
-                             ranking_pool=pool, online_rm=online)
-        finally:
-            if pool is not None:
-                pool.close()
+                             ranking_pool=pool, online_rm=True)
 
     return _per_variant(config, run, "ppo", train_one)
 

@@ -493,16 +493,29 @@ class OnlineRewardRefresher:
             for winner, loser in ranked.pairs:
                 self.fresh.append((version, ranked.prompt, ranked.responses[winner], ranked.responses[loser]))
 
-    def refresh(self, step: int, generator: torch.Generator) -> dict:
-        """A few pairwise-loss steps on the fresh pairs; returns statistics for the log."""
+    def refresh(self, step: int, generator: torch.Generator, accelerator=None) -> dict:
+        """A few pairwise-loss steps on the fresh pairs; returns statistics for the log.
+
+        Under a launcher (``accelerator`` with several processes) every process ranked its own rollout
+        groups: the fresh pairs of all processes are gathered, the main process trains, and the new
+        weights are broadcast so that every process scores with the same RM. Collective then."""
         from .reward import _pairwise_rewards, pairwise_loss
         from .reward_model import encode_pairs
 
         keep = [p for p in self.fresh if step - p[0] <= self.max_staleness]
         self.dropped_stale += len(self.fresh) - len(keep)
         self.fresh = []
-        stats = {"online_rm/pairs": len(keep), "online_rm/dropped_stale": self.dropped_stale}
+        several = accelerator is not None and accelerator.num_processes > 1
+        if several:
+            keep = dist.gather_object(keep, accelerator)
+            dropped = int(dist.reduce_sum(float(self.dropped_stale), accelerator))
+        else:
+            dropped = self.dropped_stale
+        stats = {"online_rm/pairs": len(keep), "online_rm/dropped_stale": dropped}
         if not keep:
+            return stats
+        if several and not accelerator.is_main_process:
+            self._receive_weights()
             return stats
         prompts = [p[1] for p in keep]
         winners = encode_pairs(self.tokenizer, prompts, [p[2] for p in keep], self.max_length)
@@ -527,7 +540,15 @@ class OnlineRewardRefresher:
             self.rm.requires_grad_(False)
         if losses:
             stats["online_rm/loss"] = float(np.mean(losses))
+        if several:
+            self._receive_weights()  # the main process sends
         return stats
+
+    def _receive_weights(self) -> None:
+        """Every process takes the main process's RM weights (collective)."""
+        with torch.no_grad():
+            for tensor in [*self.rm.parameters(), *self.rm.buffers()]:
+                torch.distributed.broadcast(tensor.data, src=0)
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -582,20 +603,18 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
               *, resume: bool = False, ranking_pool=None, online_rm: bool = False) -> dict:
     """Run PPO; write ``actor/``, ``critic/``, ``checkpoint/`` and ``log.jsonl`` under ``out_folder``.
 
-    ``ranking_pool`` (optional, used on the main process only) receives every step's rollout groups
-    asynchronously; with ``online_rm`` the RM is refreshed every ``ppo.online_rm_every`` steps from the
-    ranked groups (one process only). Collective under a launcher: every process calls it with the same
-    arguments; only the main process writes. Returns the stage summary (on every process)."""
+    ``ranking_pool`` (optional; under a launcher each process's handle on its node's pool) receives
+    every step's rollout groups asynchronously, each process submitting the groups of its own prompts;
+    with ``online_rm`` the RM is refreshed every ``ppo.online_rm_every`` steps from the ranked groups
+    of all processes. Collective under a launcher: every process calls it with the same arguments;
+    only the main process writes. Returns the stage summary (on every process)."""
     cfg = config.ppo
     if not prompts:
         raise UserError("ppo: no training prompts (task.train is empty)")
-    if online_rm and ranking_pool is None and dist.is_main():
+    if online_rm and ranking_pool is None:
         raise ValueError("online_rm needs a ranking_pool")
     if online_rm and cfg.online_rm_every < 1:
         raise UserError("ppo.online_rm_every: must be >= 1 for the online reward-model variant")
-    if online_rm and dist.world_size() > 1:
-        raise UserError("variants: the online reward-model variant (str_online) trains the reward model inside "
-                        "PPO and runs on one process only; drop it or launch one process")
     _check_layout(cfg, dist.world_size())
     out_folder = Path(out_folder)
     checkpoint = out_folder / CHECKPOINT
@@ -619,7 +638,7 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
     for model in (actor, ref, critic):
         disable_dropout(model)
     if online_rm:
-        # Trained in place by the refresher (one process only), so not a frozen engine.
+        # Trained in place by the refresher (weights broadcast to every process), so not a frozen engine.
         rm.to(acc.device).eval().requires_grad_(False)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
@@ -663,7 +682,7 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
     started = time.perf_counter()
     last: dict = {}
     dropped_groups = [0]  # rollout groups the full ranking pool could not take
-    use_pool = ranking_pool is not None and main
+    use_pool = ranking_pool is not None
     bar = tqdm(range(progress.step, cfg.steps), desc="ppo", initial=progress.step, total=cfg.steps,
                disable=not (main and sys.stderr.isatty()))
     log_file = open(log_path, "a", encoding="utf-8") if main else None
@@ -701,10 +720,10 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
             ro = gather_rollout(local, acc, tokenizer.pad_token_id)
             del local
 
-            # Async ranking of this step's groups (the K answers of each prompt); never waits.
+            # Async ranking of this process's groups (the K answers of each prompt); never waits.
             if use_pool:
                 k = cfg.samples_per_prompt
-                for i, prompt in enumerate(batch_prompts):
+                for i, prompt in enumerate(batch_prompts[lo:hi], start=lo):
                     try:
                         ranking_pool.submit(f"ppo-{step}-{i}", prompt, ro.texts[i * k:(i + 1) * k],
                                             policy_version=step, block=False)
@@ -767,7 +786,7 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
                 row["ranking/dropped_groups"] = dropped_groups[0]
             if refresher is not None and step % cfg.online_rm_every == 0:
                 refresh_gen = torch.Generator().manual_seed(stable_seed("ppo-online-rm", config.seed, step))
-                row.update(refresher.refresh(step, refresh_gen))
+                row.update(refresher.refresh(step, refresh_gen, acc))
             return row
 
         def checkpoint_on_stop() -> None:

@@ -20,17 +20,21 @@ from . import distributed as dist
 
 @contextlib.contextmanager
 def ranking_pool(config: RankingConfig, workers: int, *, group=None, wait=None,
-                 max_pending: int = 256) -> Iterator:
+                 max_pending: int = 256, ready: bool = False) -> Iterator:
     """Yield this process's pool handle; collective under a launcher (every rank must enter and leave).
 
     ``group``: the process group that carries the socket name and key (a gloo group; default: the
-    job's); ``wait``: a barrier callable, so that the server outlives every client of its node."""
+    job's); ``wait``: a barrier callable, so that the server outlives every client of its node;
+    ``ready``: return only once the workers have loaded their rankers (so that the first groups are
+    not held up by start-up)."""
     from ranking.node_pool import NodePoolClient, NodePoolServer
     from ranking.pool import RankingPool
 
     if dist.world_size() == 1:
         pool = RankingPool(config, workers=workers, max_pending=max_pending)
         try:
+            if ready:
+                pool.wait_ready()
             yield pool
         finally:
             pool.close()
@@ -46,6 +50,10 @@ def ranking_pool(config: RankingConfig, workers: int, *, group=None, wait=None,
         if dist.local_rank() == 0 else None
     client = None
     try:
+        if server is not None and ready:
+            server.wait_ready()
+        if ready and wait is not None:
+            wait()
         client = NodePoolClient(address, key, max_pending=max_pending)
         yield client
     finally:

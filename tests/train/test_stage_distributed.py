@@ -125,6 +125,9 @@ def test_selfrank_run_under_accelerate_with_two_processes_and_wandb(tmp_path):
                          tracking=TrackingConfig(wandb="offline", project="selfrank-test"))
     # Both processes rank through one pool on this node (served by local rank 0).
     config = dataclasses.replace(config, sample=dataclasses.replace(config.sample, async_ranking=True, workers=1))
+    # The online-RM variant too: each process ranks its own rollout groups through that pool.
+    config = dataclasses.replace(config, variants=[*config.variants, "str_online"], ppo=dataclasses.replace(
+        config.ppo, steps=3, samples_per_prompt=2, online_rm_every=1))
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     # The shipped CPU launcher config (2 processes, gloo), as the docs tell users to run it.
@@ -144,6 +147,10 @@ def test_selfrank_run_under_accelerate_with_two_processes_and_wandb(tmp_path):
         assert summary["working_processes"] == 2
     for variant in config.variants:
         assert json.loads((run_dir / "reward" / variant / "DONE.json").read_text())["processes"] == 2
+    online_rows = [json.loads(line) for line in (run_dir / "ppo" / "str_online" / "log.jsonl").read_text().splitlines()]
+    assert len(online_rows) == 3 and all("ranking/queue_depth" in r for r in online_rows)
+    assert sum(r["online_rm/pairs"] for r in online_rows) > 0  # ranked groups came back and refreshed the RM
+    assert any("online_rm/loss" in r for r in online_rows)
     ranking = json.loads((run_dir / "sample" / "DONE.json").read_text())["ranking"]
     # Batch 0 (4 prompts) went to the main process, batch 1 to the other; one shared pool of 1 worker.
     assert ranking["client_completed"] == 4 and ranking["workers"] == 1, ranking
