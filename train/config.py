@@ -238,10 +238,16 @@ class PPOConfig:
     # ZeRO-3 rollouts: gather the actor's full weights on every rank for generate() (fast; one full
     # copy per rank) or keep them sharded and gather layer by layer per token (slow, low memory).
     gather_for_generation: bool = True
+    # The actor's trainable weights: "full", or "lora" (peft adapters on every linear layer; the
+    # reference policy is then the actor with its adapters switched off, so no second copy is held).
+    policy: str = "full"
+    lora_r: int = 8
+    lora_alpha: int = 16
 
     def __post_init__(self):
+        check_choice("ppo.policy", self.policy, ("full", "lora"))
         for name in ("steps", "batch_size", "samples_per_prompt", "ppo_epochs", "minibatches", "max_new_tokens",
-                     "save_every"):
+                     "save_every", "lora_r", "lora_alpha"):
             check_range(f"ppo.{name}", getattr(self, name), 1)
         for name in ("lr", "critic_lr"):
             check_range(f"ppo.{name}", getattr(self, name), 0.0, low_open=True)

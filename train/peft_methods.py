@@ -104,16 +104,36 @@ def prepare(model: nn.Module, method: str, cfg: SFTConfig) -> nn.Module:
             adapter.requires_grad_(True)
         return model
     if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules="all-linear", task_type="CAUSAL_LM",
-                          fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
-        try:
-            return get_peft_model(model, lora)
-        except ValueError as exc:
-            raise UserError(f"sft.method: lora cannot wrap {type(model).__name__}: {exc}") from None
+        return with_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, "sft.method")
     raise UserError(f"sft.method: unknown method {method!r}")
+
+
+def with_lora(model: nn.Module, r: int, alpha: int, dropout: float = 0.0, field: str = "sft.method") -> nn.Module:
+    """``model`` wrapped by peft with LoRA adapters on every linear layer (only they train); the
+    adapters start as the identity (B = 0), so the wrapped model computes what ``model`` did."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                      task_type="CAUSAL_LM", fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise UserError(f"{field}: lora cannot wrap {type(model).__name__}: {exc}") from None
+
+
+class AdapterDisabled(nn.Module):
+    """A LoRA model's base model, without a copy: calls the model with its adapters switched off.
+
+    The wrapped model is deliberately not a submodule (it belongs to the trainer's engine; this view
+    must not be registered, prepared or saved on its own)."""
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_peft_model", peft_model)
+
+    def forward(self, *args, **kwargs):
+        with self._peft_model.disable_adapter():
+            return self._peft_model(*args, **kwargs)
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -27,7 +27,9 @@ follows one process's trajectory up to float summation order, whatever the numbe
   groups carry the actor and critic learning rates: accelerate makes one DeepSpeed engine per job,
   and AdamW's update is per parameter, so one optimizer with two groups equals two optimizers;
 * the reference and reward models go through ``prepare_frozen`` (ZeRO-3 inference engines under
-  ZeRO-3, optionally offloaded: ``ppo.offload_reference`` / ``ppo.offload_reward``);
+  ZeRO-3, optionally offloaded: ``ppo.offload_reference`` / ``ppo.offload_reward``); with
+  ``ppo.policy: lora`` only LoRA adapters train and the reference is the actor with its adapters
+  switched off (``AdapterDisabled``), so no reference copy is held at all;
 * generation under ZeRO-3 gathers the actor's weights (``ppo.gather_for_generation``).
 
 Gradient clipping: the actor's and the critic's gradients are clipped separately to ``max_grad_norm``
@@ -67,6 +69,7 @@ from . import distributed as dist
 from .config import ExperimentConfig, PPOConfig
 from .generation import generate
 from .models import load_model, save_model
+from .peft_methods import AdapterDisabled, with_lora
 from .ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -628,15 +631,20 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
         out_folder.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)
+    lora = cfg.policy == "lora"
     with dist.whole_weights(acc):
         actor, tokenizer = load_model(Path(actor_folder), config.model)
-        ref, _ = load_model(Path(actor_folder), config.model)
+        # A LoRA actor's reference is the actor with its adapters off: no second copy to hold.
+        ref = None if lora else load_model(Path(actor_folder), config.model)[0]
         rm = RewardModel.from_pretrained(rm_folder, config.model)
         _check_same_tokenizer(tokenizer, rm, Path(rm_folder))
         critic = ValueModel.from_reward_model(rm)
     # Trick: dropout off everywhere, so log-probs and values are the same functions in rollout and update.
     for model in (actor, ref, critic):
-        disable_dropout(model)
+        if model is not None:
+            disable_dropout(model)
+    if lora:
+        actor = with_lora(actor, cfg.lora_r, cfg.lora_alpha, field="ppo.policy")
     if online_rm:
         # Trained in place by the refresher (weights broadcast to every process), so not a frozen engine.
         rm.to(acc.device).eval().requires_grad_(False)
@@ -660,7 +668,8 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
     optimizer = adamw_groups([(actor, cfg.lr), (critic, cfg.critic_lr)], fused=not deepspeed)
     model, optimizer = dist.prepare_trainable(acc, policy_value, optimizer, micro_batch_size=per_process,
                                               max_grad_norm=cfg.max_grad_norm)
-    ref = dist.prepare_frozen(ref, acc, offload=cfg.offload_reference)
+    # The LoRA view calls the actor inside its engine (ZeRO-3 gathers its shards as for any forward).
+    ref = AdapterDisabled(actor) if lora else dist.prepare_frozen(ref, acc, offload=cfg.offload_reference)
     rm_run = rm if online_rm else dist.prepare_frozen(rm, acc, offload=cfg.offload_reward)
     refresher = OnlineRewardRefresher(rm, rm.tokenizer or tokenizer, config) if online_rm else None
     if "policy_value" in optimizer_states and not deepspeed:

@@ -381,3 +381,38 @@ def test_preemption_checkpoints_and_resume_equals_uninterrupted(world, tmp_path,
     b, _ = load_model(tmp_path / "cut" / "actor")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def test_lora_policy_trains_adapters_only_against_the_adapter_free_reference(world, tmp_path):
+    config = tiny_config(steps=3, batch_size=6, samples_per_prompt=2, lr=3e-3, policy="lora", lora_r=4)
+    summary = train_ppo(config, PROMPTS, world["sft"], world["rm"], tmp_path / "ppo")
+    rows = read_log(tmp_path / "ppo")
+    assert summary["steps"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
+    # Step 1 samples from the untouched actor: LoRA starts as the identity, so it IS the reference.
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[-1]["objective/kl"] != pytest.approx(0.0, abs=1e-6)  # the adapters moved it
+    # The saved actor is a plain causal LM (LoRA merged in) that differs from the SFT model.
+    actor, _ = load_model(tmp_path / "ppo" / "actor")
+    sft, _ = load_model(world["sft"])
+    assert not any("lora" in name for name in actor.state_dict())
+    deltas = {name: (actor.state_dict()[name] - w).abs().max().item() for name, w in sft.state_dict().items()}
+    assert max(deltas.values()) > 1e-4
+    # Only linear layers carry adapters: embeddings and layer norms are the SFT model's, exactly.
+    assert all(deltas[name] == 0 for name in deltas if "wte" in name or "wpe" in name or ".ln_" in name)
+
+
+def test_adapter_disabled_view_computes_the_base_model(world):
+    from train.peft_methods import AdapterDisabled, with_lora
+
+    base, tokenizer = load_model(world["sft"])
+    wrapped = with_lora(load_model(world["sft"])[0], r=4, alpha=8, field="ppo.policy")
+    with torch.no_grad():  # make the adapters matter
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    ids = torch.tensor([tokenizer("<q> what does anna have ? <a> a red ball")["input_ids"]])
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        assert not torch.allclose(wrapped(input_ids=ids).logits, want, atol=1e-4)
+        torch.testing.assert_close(AdapterDisabled(wrapped)(input_ids=ids).logits, want)
+    assert list(AdapterDisabled(wrapped).parameters()) == []  # a view, not a copy

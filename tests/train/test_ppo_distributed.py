@@ -62,8 +62,10 @@ def runs(tmp_path_factory) -> dict:
     no_clip = {**PPO, "max_grad_norm": 0.0}
     # ZeRO-3: reference and reward model as ZeRO-3 inference engines, the reference offloaded.
     zero3 = {**no_clip, "offload_reference": True}
+    # LoRA under ZeRO-3: adapters train, the reference is the actor with its adapters off.
+    lora = {**no_clip, "policy": "lora", "lora_r": 4}
     jobs = {"single": ("single", PPO), "single_noclip": ("single", no_clip), "ddp": ("ddp", {**PPO, "steps": 2}),
-            "zero3": ("zero3", zero3)}
+            "zero3": ("zero3", zero3), "single_lora": ("single", lora), "zero3_lora": ("zero3", lora)}
     # All at once: most of their time is start-up (imports, rendezvous, DeepSpeed), not compute.
     procs = {name: start(*command(kind, world, root / name, ppo), root / f"{name}.log")[0]
              for name, (kind, ppo) in jobs.items()}
@@ -133,3 +135,13 @@ def test_zero3_two_processes_follow_the_one_process_trajectory(runs):
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids, attention_mask=mask).logits,
                                    plain(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_zero3_lora_policy_follows_the_one_process_trajectory(runs):
+    info = json.loads((runs["zero3_lora"] / "run.json").read_text())
+    assert info["world_size"] == 2 and info["zero_stage"] == 3
+    one, two = read_log(runs["single_lora"]), read_log(runs["zero3_lora"])
+    assert_same_trajectory(one, two)
+    assert one[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the reference
+    assert_same_models(runs["single_lora"], runs["zero3_lora"])  # saved merged, loadable in one process
