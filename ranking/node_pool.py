@@ -33,7 +33,7 @@ from typing import Iterator
 
 from .config import RankingConfig
 from .errors import UserError
-from .pool import PoolError, PoolResult, RankingPool
+from .pool import PoolError, PoolResult, RankingPool, full_error, wait_while
 
 log = logging.getLogger(__name__)
 
@@ -251,19 +251,12 @@ class NodePoolClient:
     def submit(self, group_id, prompt: str, responses, policy_version: int = 0,
                block: bool = True, timeout: float | None = None) -> None:
         gid = str(group_id)
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._raise_if_unusable()
             if gid in self._open:
                 raise ValueError(f"group id {gid!r} is already in the pool")
-            while len(self._open) >= self.max_pending:
-                if not block:
-                    raise queue.Full(f"ranking pool is full ({self.max_pending} groups pending)")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise queue.Full(f"ranking pool stayed full ({self.max_pending} groups pending) for {timeout} s")
-                self._cond.wait(remaining if remaining is not None else 1.0)
-                self._raise_if_unusable()
+            wait_while(self._cond, lambda: len(self._open) >= self.max_pending, timeout if block else 0.0,
+                       self._raise_if_unusable, lambda: full_error(self.max_pending, block, timeout))
             self._open[gid] = next(self._seq)
             self._counts["submitted"] += 1
         with self._send_lock:
@@ -280,27 +273,17 @@ class NodePoolClient:
     def results(self, timeout: float | None = None) -> Iterator[PoolResult]:
         while True:
             with self._cond:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while not self._finished and self._open:
-                    self._raise_if_unusable()
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise TimeoutError(f"no ranking result within {timeout} s ({len(self._open)} pending)")
-                    self._cond.wait(remaining if remaining is not None else 1.0)
+                wait_while(self._cond, lambda: not self._finished and self._open, timeout, self._raise_if_unusable,
+                           lambda: TimeoutError(f"no ranking result within {timeout} s ({len(self._open)} pending)"))
                 if not self._finished:
                     return
                 _, result = self._finished.popitem(last=False)
             yield result
 
     def drain(self, timeout: float | None = None) -> list[PoolResult]:
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._open:
-                self._raise_if_unusable()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"ranking pool not drained within {timeout} s ({len(self._open)} pending)")
-                self._cond.wait(remaining if remaining is not None else 1.0)
+            wait_while(self._cond, lambda: self._open, timeout, self._raise_if_unusable, lambda: TimeoutError(
+                f"ranking pool not drained within {timeout} s ({len(self._open)} pending)"))
             out = [self._finished[seq] for seq in sorted(self._finished)]
             self._finished.clear()
             return out

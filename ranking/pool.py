@@ -40,7 +40,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .config import RankingConfig
 from .errors import UserError
@@ -471,6 +471,26 @@ class _PoolState:
         self.wake_w.close()
 
 
+def wait_while(cond: threading.Condition, busy: Callable[[], object], timeout: float | None,
+               check: Callable[[], None], timed_out: Callable[[], Exception]) -> None:
+    """With ``cond`` held, wait until ``busy()`` is false. ``check()`` runs before each wait and raises
+    when waiting is pointless (a broken or closed pool); ``timed_out()`` is raised once ``timeout``
+    seconds have passed (None: no limit; 0: do not wait at all)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while busy():
+        check()
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise timed_out()
+        cond.wait(remaining if remaining is not None else 1.0)
+
+
+def full_error(max_pending: int, block: bool, timeout: float | None) -> queue.Full:
+    if not block:
+        return queue.Full(f"ranking pool is full ({max_pending} groups pending)")
+    return queue.Full(f"ranking pool stayed full ({max_pending} groups pending) for {timeout} s")
+
+
 class RankingPool:
     """A pool of CPU processes that rank groups asynchronously.
 
@@ -512,19 +532,12 @@ class RankingPool:
         the group's noise), when the pool id carries more (a node pool's routing tag)."""
         s = self._state
         gid = str(group_id)
-        deadline = None if timeout is None else time.monotonic() + timeout
         with s.cond:
             self._raise_if_unusable()
             if gid in s.open_ids:
                 raise ValueError(f"group id {gid!r} is already in the pool")
-            while len(s.open) >= s.max_pending:
-                if not block:
-                    raise queue.Full(f"ranking pool is full ({s.max_pending} groups pending)")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise queue.Full(f"ranking pool stayed full ({s.max_pending} groups pending) for {timeout} s")
-                s.cond.wait(remaining)
-                self._raise_if_unusable()
+            wait_while(s.cond, lambda: len(s.open) >= s.max_pending, timeout if block else 0.0,
+                       self._raise_if_unusable, lambda: full_error(s.max_pending, block, timeout))
             now = time.monotonic()
             task = _Task(next(s.seq), gid, prompt, list(responses) if isinstance(responses, (list, tuple)) else responses,
                          int(policy_version), now)
@@ -554,13 +567,8 @@ class RankingPool:
         s = self._state
         while True:
             with s.cond:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while not s.finished and s.open:
-                    self._raise_if_unusable()
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise TimeoutError(f"no ranking result within {timeout} s ({len(s.open)} groups pending)")
-                    s.cond.wait(remaining if remaining is not None else 1.0)
+                wait_while(s.cond, lambda: not s.finished and s.open, timeout, self._raise_if_unusable,
+                           lambda: TimeoutError(f"no ranking result within {timeout} s ({len(s.open)} groups pending)"))
                 self._raise_if_fatal()
                 if not s.finished:
                     return
@@ -570,14 +578,9 @@ class RankingPool:
     def drain(self, timeout: float | None = None) -> list[PoolResult]:
         """Wait for every submitted group and return all results not yet handed out, in submit order."""
         s = self._state
-        deadline = None if timeout is None else time.monotonic() + timeout
         with s.cond:
-            while s.open:
-                self._raise_if_unusable()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"ranking pool not drained within {timeout} s ({len(s.open)} groups pending)")
-                s.cond.wait(remaining if remaining is not None else 1.0)
+            wait_while(s.cond, lambda: s.open, timeout, self._raise_if_unusable, lambda: TimeoutError(
+                f"ranking pool not drained within {timeout} s ({len(s.open)} groups pending)"))
             self._raise_if_fatal()
             out = [s.finished[seq] for seq in sorted(s.finished)]
             s.finished.clear()
@@ -586,14 +589,9 @@ class RankingPool:
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every worker has loaded its ranker (e.g. to keep start-up out of a timing)."""
         s = self._state
-        deadline = None if timeout is None else time.monotonic() + timeout
         with s.cond:
-            while any(w.state in ("starting", "dead") for w in s.workers):
-                self._raise_if_unusable()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"ranking workers not ready within {timeout} s")
-                s.cond.wait(remaining if remaining is not None else 1.0)
+            wait_while(s.cond, lambda: any(w.state in ("starting", "dead") for w in s.workers), timeout,
+                       self._raise_if_unusable, lambda: TimeoutError(f"ranking workers not ready within {timeout} s"))
 
     # ---- introspection
 
