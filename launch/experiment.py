@@ -67,6 +67,8 @@ class GridConfig:
     command: str = ""  # the command that regenerates this grid, quoted in the results document
     annotation: AnnotationCost = field(default_factory=AnnotationCost)
     agreement_sweep: AgreementSweepConfig = field(default_factory=AgreementSweepConfig)
+    # A reading of the results in plain words, kept with the grid so that a regenerated document keeps it.
+    notes: str = ""
     bootstrap: int = 1000
     confidence: float = 0.95
 
@@ -202,6 +204,31 @@ def environment() -> dict:
             else None, "date": time.strftime("%Y-%m-%d")}
 
 
+def _summary_lines(tasks: dict[str, dict], sweeps: dict[str, dict]) -> list[str]:
+    """One line per task: each STR variant against SFT on the task's main metric, and TextRank's top
+    pick against a random pick (from the sweep's default cell), from the CIs below."""
+    from train.metrics import EXACT_ANSWER_TASKS
+
+    lines = ["## Summary", ""]
+    for task, pooled in tasks.items():
+        metric = "em" if pooled["task_kind"] in EXACT_ANSWER_TASKS else "meteor"
+        verdicts = []
+        for row, diffs in pooled["paired_vs_sft"].items():
+            if row.startswith("str") and metric in diffs:
+                d = diffs[metric]
+                word = "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "no difference"
+                verdicts.append(f"{row} {d['diff'] * 100:+.2f} [{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}] ({word})")
+        line = f"- **{task}** ({metric} x100 vs SFT): " + ("; ".join(verdicts) or "no STR rows")
+        cells = (sweeps.get(task) or {}).get("cells") or []
+        if cells:
+            cell = max((c for c in cells if c["embedder"] == cells[0]["embedder"]), key=lambda c: c["k"])
+            gain = cell["top_minus_random"]
+            line += (f". TextRank's top answer vs a random one ({cell['embedder']}, K={cell['k']}): METEOR "
+                     f"{gain['mean'] * 100:+.2f} [{gain['low'] * 100:+.2f}, {gain['high'] * 100:+.2f}]")
+        lines.append(line + ".")
+    return lines + [""]
+
+
 def render(grid: GridConfig, tasks: dict[str, dict], ledgers: dict[str, list[dict]], env: dict,
            sweeps: dict[str, dict] | None = None) -> str:
     from train.report import format_table
@@ -214,6 +241,9 @@ def render(grid: GridConfig, tasks: dict[str, dict], ledgers: dict[str, list[dic
             f"Seeds: {grid.seeds}. Each cell: mean over seeds and test examples, {int(grid.confidence * 100)}% "
             f"bootstrap CI over examples ({grid.bootstrap} resamples); metrics x100; best per column in bold. "
             "Every cell of the grid is shown.", ""]
+    out += _summary_lines(tasks, sweeps or {})
+    if grid.notes.strip():
+        out += ["## Reading the results", "", grid.notes.strip(), ""]
     for task, pooled in tasks.items():
         out += [f"## {task}", "", format_table(pooled), "", "STR variants against SFT (paired bootstrap):", ""]
         out += _verdicts(pooled) or ["(no STR rows)"]

@@ -330,6 +330,9 @@ class ExperimentConfig:
             check_choice("variants[]", v, VARIANTS)
         if "str_online" in self.variants and self.ppo.online_rm_every < 1:
             raise UserError("ppo.online_rm_every: must be >= 1 for the online reward-model variant (str_online)")
+        if "str_online" in self.variants and self.ppo.samples_per_prompt < 2:
+            raise UserError("ppo.samples_per_prompt: must be >= 2 for the online reward-model variant (str_online): "
+                            "it ranks each prompt's rollout answers against each other")
         interval = self.ranking.pairs.interval
         if interval is not None and interval >= self.sample.k:
             raise UserError(f"ranking.pairs.interval: IL must be < sample.k ({self.sample.k}), got {interval}")

@@ -243,6 +243,26 @@ STAGE_FUNCS: dict[str, Callable[[ExperimentConfig, RunDir, bool, Hooks, _Barrier
 # What each stage reads from earlier ones.
 PREREQUISITES = {"sft": (), "sample": ("sft",), "reward": ("sft", "sample"), "ppo": ("sft", "reward"), "eval": ("sft",)}
 
+# The settings each stage's outputs depend on (its own section and those of the stages it reads).
+STAGE_SETTINGS = {
+    "sft": ("seed", "task", "model", "sft"),
+    "sample": ("seed", "task", "model", "sft", "sample", "ranking"),
+    "reward": ("seed", "task", "model", "sft", "sample", "ranking", "reward", "variants"),
+    "ppo": ("seed", "task", "model", "sft", "sample", "ranking", "reward", "variants", "ppo"),
+    "eval": ("seed", "task", "model", "sft", "sample", "ranking", "reward", "variants", "ppo", "eval"),
+}
+
+
+def settings_digest(config: ExperimentConfig, stage: str) -> str:
+    """A hash of the settings ``stage`` depends on: a completed stage whose digest no longer matches
+    is redone instead of being silently reused."""
+    import hashlib
+
+    relevant = {name: getattr(config, name) for name in STAGE_SETTINGS[stage]}
+    text = json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in relevant.items()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
 
 def check_order(config: ExperimentConfig, stages: list[str]) -> None:
     """Refuse, before anything is written, a stage whose inputs neither exist nor are scheduled."""
@@ -286,11 +306,17 @@ def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, r
                                        yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)))
     summaries = {}
     for stage in stages:
+        digest = settings_digest(config, stage)
+        redo = force
         if run.is_done(stage) and not force:
-            logger.info("%s: complete, skipped (use --force to redo)", stage)
-            summaries[stage] = run.summary(stage)
-            continue
-        if force:
+            kept = run.summary(stage).get("settings_digest")
+            if kept is None or kept == digest:  # (runs from before digests were kept count as current)
+                logger.info("%s: complete, skipped (use --force to redo)", stage)
+                summaries[stage] = run.summary(stage)
+                continue
+            logger.warning("%s: its settings changed since it completed; redoing it", stage)
+            redo = True
+        if redo:
             barrier.on_main(lambda: run.reset(stage))
         stop_if_requested(stage, 0, None, run.root)  # a stop that arrived in a stage without step checks
         logger.info("%s: starting", stage)
@@ -304,6 +330,7 @@ def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, r
             summary["stage_seconds"] = time.perf_counter() - started
             summary.update(stage_cost(summary["stage_seconds"], barrier.world))
             summary["working_processes"] = barrier.world
+            summary["settings_digest"] = digest
             if dist.is_main():
                 run.mark_done(stage, summary)
         barrier.wait()

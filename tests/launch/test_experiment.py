@@ -17,7 +17,7 @@ def test_grid_smoke_on_real_squad(tmp_path, repo_root, shared_data, monkeypatch)
     doc = tmp_path / "RESULTS.md"
     grid = GridConfig(name="smoke", tasks=["configs/tiny_squad_v2.yaml"], seeds=[3], overrides=tiny,
                       output_dir=str(tmp_path), results_doc=str(doc), command="selfrank experiment smoke.yaml",
-                      bootstrap=50, agreement_sweep=AgreementSweepConfig(tasks=["tiny_squad_v2"], sizes=[4, 2],
+                      bootstrap=50, notes="What held and what did not.", agreement_sweep=AgreementSweepConfig(tasks=["tiny_squad_v2"], sizes=[4, 2],
                                                                          embedders=["lexical"]))
     results = run_grid(grid)
     pooled = results["tasks"]["tiny_squad_v2"]
@@ -38,6 +38,9 @@ def test_grid_smoke_on_real_squad(tmp_path, repo_root, shared_data, monkeypatch)
         assert cell["textrank"]["all"]["n_groups"] == 4
     text = doc.read_text()
     assert "Agreement sweep" in text and "| lexical | 4 |" in text
+    assert "## Reading the results\n\nWhat held and what did not." in text
+    summary = text.split("## Summary")[1].split("##")[0]
+    assert "**tiny_squad_v2** (em x100 vs SFT): str " in summary and "TextRank's top answer vs a random one (lexical, K=4)" in summary
     assert "selfrank experiment smoke.yaml" in text and "| STR + noise |" in text and "Cost ledger" in text
     assert (tmp_path / "smoke" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Rerunning reuses every completed stage.

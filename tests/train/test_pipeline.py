@@ -1,6 +1,7 @@
 """The whole pipeline in one process on the tiny test config: every stage's outputs, skip on rerun."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from tests.train.helpers import tiny_config
@@ -35,3 +36,21 @@ def test_full_pipeline_writes_every_stage_and_skips_complete_ones(tmp_path, caps
     again = run_pipeline(config)
     assert {p: p.stat().st_mtime_ns for p in run.root.rglob("DONE.json")} == stamps
     assert again["eval"]["rows"] == summaries["eval"]["rows"]
+
+
+def test_a_completed_stage_whose_settings_changed_is_redone(tmp_path):
+    config = tiny_config(tmp_path, name="changed", sft=SFTConfig(lr=1e-3, batch_size=8, max_steps=2, block_size=64))
+    run_pipeline(config, ["sft", "sample"])
+    run = RunDir(tmp_path / "changed")
+    sft_stamp = (run.root / "sft" / "DONE.json").stat().st_mtime_ns
+    sample_stamp = (run.root / "sample" / "DONE.json").stat().st_mtime_ns
+    # Eval settings do not touch sft or sample: both are kept.
+    run_pipeline(dataclasses.replace(config, eval=dataclasses.replace(config.eval, max_new_tokens=5)), ["sft", "sample"])
+    assert (run.root / "sample" / "DONE.json").stat().st_mtime_ns == sample_stamp
+    # A new K changes what sample writes: it is redone, sft is kept.
+    changed = dataclasses.replace(config, sample=dataclasses.replace(config.sample, k=3))
+    run_pipeline(changed, ["sft", "sample"])
+    assert (run.root / "sft" / "DONE.json").stat().st_mtime_ns == sft_stamp
+    assert (run.root / "sample" / "DONE.json").stat().st_mtime_ns != sample_stamp
+    ranked = [json.loads(line) for line in (run.root / "sample" / "ranked.jsonl").read_text().splitlines()]
+    assert ranked and all(len(group["responses"]) == 3 for group in ranked)
