@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launch.cli import main as cli_main
-from launch.slurm import render_sbatch, supervise
+from launch.slurm import render_sbatch
 from ranking.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,9 +209,12 @@ def test_supervise_waits_for_orphaned_trainers(tmp_path):
     trainer.write_text(f"import time\ntime.sleep(1.0)\nopen({str(marker)!r}, 'w').write('ok')\n")
     launcher = tmp_path / "launcher.py"
     launcher.write_text(f"import subprocess, sys\nsubprocess.Popen([sys.executable, {str(trainer)!r}])\nsys.exit(3)\n")
-    code = str(launcher)
     start = time.monotonic()
-    assert supervise([sys.executable, code]) == 3
+    # As the job script runs it, in a process of its own (a subreaper waits for all its descendants:
+    # inside pytest that would include every helper process earlier tests left running).
+    done = subprocess.run([sys.executable, "-m", "launch.slurm", "supervise", sys.executable, str(launcher)],
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 3
     assert marker.read_text() == "ok" and time.monotonic() - start >= 1.0
 
 
