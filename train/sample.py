@@ -119,8 +119,8 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, *, barrier=None) ->
     model, tokenizer = load_model(sft_model, config.model)
     ranking = ranking_config_for(config)
     k, size = config.sample.k, config.sample.batch_size
-    batches = [(i, examples[i:i + size]) for i in range(0, len(examples), size)]
-    batches = [(index, batch) for index, (_, batch) in enumerate(batches) if index % world == rank]
+    starts = range(0, len(examples), size)
+    batches = [(index, examples[start:start + size]) for index, start in enumerate(starts) if index % world == rank]
 
     started = time.perf_counter()
     generate_s = 0.0
