@@ -105,13 +105,15 @@ VARIANT_SETTINGS = {
 }
 
 
-def _stage_sft(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks, barrier: "_Barrier") -> dict | None:
+def _stage_sft(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks,
+               barrier: "_Barrier") -> dict | None:
     from .sft import run as run_sft
 
     return run_sft(config, run, resume, log_step=hooks.stage_log("sft"))
 
 
-def _stage_sample(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks, barrier: "_Barrier") -> dict | None:
+def _stage_sample(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks,
+                  barrier: "_Barrier") -> dict | None:
     from .sample import run as run_sample
 
     summary = run_sample(config, run, resume, barrier=barrier)
@@ -149,7 +151,8 @@ def _per_variant(config: ExperimentConfig, run: RunDir, name: str, train_one: Ca
     return {"variants": summaries}
 
 
-def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks, barrier: "_Barrier") -> dict | None:
+def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks,
+                  barrier: "_Barrier") -> dict | None:
     from .reward import train_reward
 
     sample = run.require("sample")
@@ -168,7 +171,8 @@ def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Ho
     return _per_variant(config, run, "reward", train_one)
 
 
-def _stage_ppo(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks, barrier: "_Barrier") -> dict | None:
+def _stage_ppo(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks,
+               barrier: "_Barrier") -> dict | None:
     from .data import load_task
     from .ppo import train_ppo
     from .ranking_service import ranking_pool
@@ -200,7 +204,8 @@ def eval_rows(config: ExperimentConfig, run: RunDir) -> list[tuple[str, Path]]:
     return [(name, folder) for name, folder in rows if folder.is_dir()]
 
 
-def _stage_eval(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks, barrier: "_Barrier") -> dict | None:
+def _stage_eval(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks,
+                barrier: "_Barrier") -> dict | None:
     from .data import load_task
     from .evaluate import evaluate_rows
 
