@@ -169,22 +169,24 @@ def _agreement_lines(agreements: list[dict | None]) -> list[str]:
     return lines
 
 
+def _direction(d: dict) -> str:
+    """A paired difference's CI read against 0: "better", "worse" or "no difference"."""
+    return "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "no difference"
+
+
+def _diff_ci(d: dict) -> str:
+    return f"{d['diff'] * 100:+.2f} [{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}]"
+
+
+_VERDICT_WORDS = {"better": "better than SFT (CI above 0)", "worse": "worse than SFT (CI below 0)",
+                  "no difference": "not distinguishable from SFT (CI spans 0)"}
+
+
 def _verdicts(pooled: dict) -> list[str]:
     """Plain-words reading of each STR row against SFT (full fine-tuning), from the paired CIs."""
-    lines = []
-    for row, diffs in pooled["paired_vs_sft"].items():
-        if not row.startswith("str"):
-            continue
-        for metric, d in diffs.items():
-            if d["low"] > 0:
-                verdict = "better than SFT (CI above 0)"
-            elif d["high"] < 0:
-                verdict = "worse than SFT (CI below 0)"
-            else:
-                verdict = "not distinguishable from SFT (CI spans 0)"
-            lines.append(f"- {row} {metric}: {d['diff'] * 100:+.2f} [{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}] "
-                         f"x100 -> {verdict}")
-    return lines
+    return [f"- {row} {metric}: {_diff_ci(d)} x100 -> {_VERDICT_WORDS[_direction(d)]}"
+            for row, diffs in pooled["paired_vs_sft"].items() if row.startswith("str")
+            for metric, d in diffs.items()]
 
 
 def environment() -> dict:
@@ -215,9 +217,7 @@ def _summary_lines(tasks: dict[str, dict], sweeps: dict[str, dict]) -> list[str]
         verdicts = []
         for row, diffs in pooled["paired_vs_sft"].items():
             if row.startswith("str") and metric in diffs:
-                d = diffs[metric]
-                word = "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "no difference"
-                verdicts.append(f"{row} {d['diff'] * 100:+.2f} [{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}] ({word})")
+                verdicts.append(f"{row} {_diff_ci(diffs[metric])} ({_direction(diffs[metric])})")
         line = f"- **{task}** ({metric} x100 vs SFT): " + ("; ".join(verdicts) or "no STR rows")
         cells = (sweeps.get(task) or {}).get("cells") or []
         if cells:
@@ -291,17 +291,22 @@ def _plot(tasks: dict[str, dict], path: Path) -> None:
 
 
 def run_sweep(config, sweep: AgreementSweepConfig, run_dir: Path) -> dict:
-    """The agreement sweep of one run, computed once and kept in the run folder."""
+    """The agreement sweep of one run, computed once and kept in the run folder; redone when the
+    sweep or the run's settings (the same digest that decides whether a stage is redone) change."""
     from train.agreement_sweep import agreement_sweep
     from train.data import load_task
+    from train.pipeline import settings_digest
 
     path = run_dir / "agreement_sweep.json"
+    digest = settings_digest(config, "eval")  # everything the SFT model and the study's sampling depend on
     if path.is_file():
         kept = json.loads(path.read_text())
-        if kept.get("sizes") == sorted(sweep.sizes) and kept.get("embedders") == list(sweep.embedders):
+        if (kept.get("sizes") == sorted(sweep.sizes) and kept.get("embedders") == list(sweep.embedders)
+                and kept.get("settings_digest") == digest):
             return kept
     result = agreement_sweep(config, run_dir / "sft" / "model", load_task(config.task).test, config.task.kind,
                              sizes=sweep.sizes, embedders=sweep.embedders)
+    result["settings_digest"] = digest
     write_json(path, result)
     return result
 

@@ -33,7 +33,7 @@ from typing import Iterator
 
 from .config import RankingConfig
 from .errors import UserError
-from .pool import PoolError, PoolResult, RankingPool, full_error, wait_while
+from .pool import PoolError, PoolResult, RankingPool, wait_for_room, wait_while
 
 log = logging.getLogger(__name__)
 
@@ -252,11 +252,8 @@ class NodePoolClient:
                block: bool = True, timeout: float | None = None) -> None:
         gid = str(group_id)
         with self._cond:
-            self._raise_if_unusable()
-            if gid in self._open:
-                raise ValueError(f"group id {gid!r} is already in the pool")
-            wait_while(self._cond, lambda: len(self._open) >= self.max_pending, timeout if block else 0.0,
-                       self._raise_if_unusable, lambda: full_error(self.max_pending, block, timeout))
+            wait_for_room(self._cond, gid, self._open, lambda: len(self._open), self.max_pending, block, timeout,
+                          self._raise_if_unusable)
             self._open[gid] = next(self._seq)
             self._counts["submitted"] += 1
         with self._send_lock:

@@ -485,10 +485,21 @@ def wait_while(cond: threading.Condition, busy: Callable[[], object], timeout: f
         cond.wait(remaining if remaining is not None else 1.0)
 
 
-def full_error(max_pending: int, block: bool, timeout: float | None) -> queue.Full:
-    if not block:
-        return queue.Full(f"ranking pool is full ({max_pending} groups pending)")
-    return queue.Full(f"ranking pool stayed full ({max_pending} groups pending) for {timeout} s")
+def wait_for_room(cond: threading.Condition, gid: str, open_ids, count: Callable[[], int], max_pending: int,
+                  block: bool, timeout: float | None, check: Callable[[], None]) -> None:
+    """A pool's admission rule, with ``cond`` held: refuse an id among the unfinished groups
+    (``ValueError``), then wait while ``count()`` groups are unfinished and that is ``max_pending``
+    or more (``queue.Full`` at once if not ``block``, or after ``timeout`` seconds)."""
+    check()
+    if gid in open_ids:
+        raise ValueError(f"group id {gid!r} is already in the pool")
+
+    def full() -> queue.Full:
+        if not block:
+            return queue.Full(f"ranking pool is full ({max_pending} groups pending)")
+        return queue.Full(f"ranking pool stayed full ({max_pending} groups pending) for {timeout} s")
+
+    wait_while(cond, lambda: count() >= max_pending, timeout if block else 0.0, check, full)
 
 
 class RankingPool:
@@ -533,11 +544,8 @@ class RankingPool:
         s = self._state
         gid = str(group_id)
         with s.cond:
-            self._raise_if_unusable()
-            if gid in s.open_ids:
-                raise ValueError(f"group id {gid!r} is already in the pool")
-            wait_while(s.cond, lambda: len(s.open) >= s.max_pending, timeout if block else 0.0,
-                       self._raise_if_unusable, lambda: full_error(s.max_pending, block, timeout))
+            wait_for_room(s.cond, gid, s.open_ids, lambda: len(s.open), s.max_pending, block, timeout,
+                          self._raise_if_unusable)
             now = time.monotonic()
             task = _Task(next(s.seq), gid, prompt, list(responses) if isinstance(responses, (list, tuple)) else responses,
                          int(policy_version), now)

@@ -64,7 +64,7 @@ def agreement_sweep(config: ExperimentConfig, sft_folder: Path, examples: Sequen
     ev = config.eval
     picked = study_prompts(config, examples)
     if not picked:
-        return {"cells": [], "n_groups": 0, "sizes": list(sizes), "embedders": list(embedders)}
+        return {"cells": [], "n_groups": 0, "sizes": sorted(sizes), "embedders": list(embedders)}
     prompts = [examples[i].prompt for i in picked]
     references = [example_references(examples[i], task_kind, config.task.unanswerable_target) for i in picked]
     answers = sample_groups(config, sft_folder, prompts, max(sizes), desc="agreement sweep samples")

@@ -210,23 +210,26 @@ def reduce_mean(value: torch.Tensor | float, accelerator) -> float:
     return float(reduce_sum(tensor, accelerator)) / accelerator.num_processes
 
 
-def gather_object(items: list, accelerator) -> list:
-    """All ranks' lists concatenated in rank order (picklable items; every rank gets it). Collective."""
-    if accelerator.num_processes == 1:
-        return list(items)
-    from accelerate.utils import gather_object as _gather
-
-    return list(_gather(list(items)))
-
-
-def gather_lists(items: list, group) -> list:
-    """All ranks' lists concatenated in rank order, over ``group`` (e.g. a gloo group with a long
-    timeout, for stages that work for hours between collectives). Collective."""
+def gather_lists(items: list, group=None) -> list:
+    """All ranks' lists concatenated in rank order (picklable items; every rank gets it), over
+    ``group`` (default: the job's; e.g. a gloo group with a long timeout, for stages that work for
+    hours between collectives). Collective."""
     if world_size() == 1:
         return list(items)
     out: list = [None] * world_size()
     torch.distributed.all_gather_object(out, list(items), group=group)
     return [item for part in out for item in part]
+
+
+def gather_object(items: list, accelerator) -> list:
+    """``gather_lists`` over the accelerator's (the job's) process group."""
+    return gather_lists(items)
+
+
+def round_robin(items: Sequence[T]) -> list[tuple[int, T]]:
+    """This process's share of ``items`` as ``(index, item)``: item ``i`` goes to rank ``i % world``."""
+    rank_, world = rank(), world_size()
+    return [(index, item) for index, item in enumerate(items) if index % world == rank_]
 
 
 # ---------------------------------------------------------------------------------------------------------

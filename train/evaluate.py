@@ -77,9 +77,8 @@ def generate_batches(config: ExperimentConfig, folder: Path, prompts: Sequence[s
     from .generation import generate
     from .models import load_model
 
-    rank, world = (dist.rank(), dist.world_size()) if group is not None else (0, 1)
     starts = list(range(0, len(prompts), per_call))
-    mine = [(index, start) for index, start in enumerate(starts) if index % world == rank]
+    mine = dist.round_robin(starts) if group is not None else list(enumerate(starts))
     model, tokenizer = load_model(Path(folder), config.model)
     model.to(_device()).eval()
     done: list[tuple[int, list[str]]] = []
@@ -249,11 +248,12 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
                     for m in metric_names}
 
     folders = dict(rows)
-    if ev.agreement_groups > 0 and BASELINE_ROW in folders:
+    study = ev.agreement_groups > 0 and BASELINE_ROW in folders
+    if study:
         groups = agreement_groups(config, folders[BASELINE_ROW], examples, references, reward_folders or {}, group)
     if not dist.is_main():
         return None
-    if ev.agreement_groups > 0 and BASELINE_ROW in folders:
+    if study:
         write_jsonl(out / "agreement_groups.jsonl", (
             {"id": g.id, **g.meta, "ref_scores": g.ref_scores, "scores": g.scores,
              "representatives": g.representatives} for g in groups))

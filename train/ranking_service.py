@@ -62,6 +62,4 @@ def ranking_pool(config: RankingConfig, workers: int, *, group=None, wait=None,
         if wait is not None:
             wait()  # every client of this node is done before its server stops
         if server is not None:
-            server.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(address)
+            server.close()  # the listener removes its socket file

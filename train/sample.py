@@ -100,7 +100,7 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, *, barrier=None) ->
     from .models import load_model
     from .ranking_service import ranking_pool
 
-    rank, world = dist.rank(), dist.world_size()
+    rank = dist.rank()
     wait = barrier.wait if barrier is not None else _noop
     sft_model = run.require("sft") / "model"
     out = run.stage("sample")
@@ -119,8 +119,7 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, *, barrier=None) ->
     model, tokenizer = load_model(sft_model, config.model)
     ranking = ranking_config_for(config)
     k, size = config.sample.k, config.sample.batch_size
-    starts = range(0, len(examples), size)
-    batches = [(index, examples[start:start + size]) for index, start in enumerate(starts) if index % world == rank]
+    batches = dist.round_robin([examples[start:start + size] for start in range(0, len(examples), size)])
 
     started = time.perf_counter()
     generate_s = 0.0
