@@ -42,6 +42,13 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+# Settings a user may look for where they are not, with where the choice is made instead.
+MOVED_SETTINGS = {
+    "reward.loss": "the reward loss follows the variant (str: pairwise; list str_listwise in variants for "
+                   "the listwise loss)",
+}
+
+
 def build(cls: type[T], data: dict | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a plain mapping, recursing into nested dataclasses."""
     data = {} if data is None else data
@@ -52,6 +59,8 @@ def build(cls: type[T], data: dict | None, prefix: str = "") -> T:
     for key in data:
         if key not in fields:
             where = f"{prefix}.{key}" if prefix else str(key)
+            if where in MOVED_SETTINGS:
+                raise UserError(f"'{where}' is not a setting: {MOVED_SETTINGS[where]}")
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(fields))})"
             raise UserError(f"unknown setting '{where}'{hint}")

@@ -130,8 +130,10 @@ class SFTConfig:
     # Ours: gradient-norm clipping (0 = off) and the checkpoint interval in optimizer steps for resume.
     max_grad_norm: float = 1.0
     save_every: int = 200
-    # Extra methods trained as baselines next to the main one (rows of the report).
+    # Extra methods trained as baselines next to the main one (rows of the report), for
+    # ``baseline_max_steps`` steps each (None: as long as the main method).
     baselines: list[str] = field(default_factory=list)
+    baseline_max_steps: int | None = None
 
     def __post_init__(self):
         check_choice("sft.method", self.method, SFT_METHODS)
@@ -141,8 +143,9 @@ class SFTConfig:
         check_range("sft.batch_size", self.batch_size, 1)
         check_range("sft.grad_accum", self.grad_accum, 1)
         check_range("sft.epochs", self.epochs, 0.0, low_open=True)
-        if self.max_steps is not None:
-            check_range("sft.max_steps", self.max_steps, 1)
+        for name in ("max_steps", "baseline_max_steps"):
+            if getattr(self, name) is not None:
+                check_range(f"sft.{name}", getattr(self, name), 1)
         check_range("sft.block_size", self.block_size, 8)
         check_range("sft.weight_decay", self.weight_decay, 0.0)
         check_range("sft.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
@@ -177,8 +180,8 @@ class SampleConfig:
 
 @dataclass
 class RewardConfig:
-    # "pairwise": -log sigmoid(r_w - r_l) (paper); "listwise": Plackett-Luce over the ranked list.
-    loss: str = "pairwise"
+    # The loss follows the variant: pairwise -log sigmoid(r_w - r_l) (paper) for str / str_noise /
+    # str_online, Plackett-Luce over the ranked list for str_listwise.
     # "sft": the SFT model's weights as backbone; or a model name/folder.
     backbone: str = "sft"
     lr: float = 3e-5  # paper
@@ -191,7 +194,6 @@ class RewardConfig:
     save_every: int = 100  # steps between resumable checkpoints
 
     def __post_init__(self):
-        check_choice("reward.loss", self.loss, ("pairwise", "listwise"))
         check_range("reward.save_every", self.save_every, 1)
         check_range("reward.lr", self.lr, 0.0, low_open=True)
         check_range("reward.batch_size", self.batch_size, 1)
@@ -222,7 +224,7 @@ class PPOConfig:
     lam: float = 0.95
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = -1.0
-    temperature: float = 0.8  # sampling temperature; log-probs are recomputed with it
+    temperature: float = 0.8  # sampling temperature; the log-probs are those of softmax(logits / T)
     top_p: float = 1.0
     max_new_tokens: int = 32
     max_grad_norm: float = 1.0
@@ -243,9 +245,14 @@ class PPOConfig:
     policy: str = "full"
     lora_r: int = 8
     lora_alpha: int = 16
+    # Where the rollout's actor log-probs come from: "sampling" (kept by the sampler while drawing: no
+    # second actor forward), "forward" (recomputed by the update's own forward: the first ratio is
+    # exactly 1), or "auto" (sampling for fp32 weights without autocast, forward otherwise).
+    rollout_logprobs: str = "auto"
 
     def __post_init__(self):
         check_choice("ppo.policy", self.policy, ("full", "lora"))
+        check_choice("ppo.rollout_logprobs", self.rollout_logprobs, ("auto", "sampling", "forward"))
         for name in ("steps", "batch_size", "samples_per_prompt", "ppo_epochs", "minibatches", "max_new_tokens",
                      "save_every", "lora_r", "lora_alpha"):
             check_range(f"ppo.{name}", getattr(self, name), 1)
@@ -272,6 +279,9 @@ class EvalConfig:
     do_sample: bool = True
     temperature: float = 0.8
     top_p: float = 0.95
+    # Sampled answers per test prompt; each example's score is the mean over them. More samples shrink
+    # the decoding noise in the CIs (which resample prompts); with greedy decoding keep 1.
+    samples_per_prompt: int = 1
     batch_size: int = 32
     bootstrap: int = 1000
     confidence: float = 0.95
@@ -287,6 +297,9 @@ class EvalConfig:
         check_range("eval.temperature", self.temperature, 0.0, low_open=True)
         check_range("eval.top_p", self.top_p, 0.0, 1.0, low_open=True)
         check_range("eval.batch_size", self.batch_size, 1)
+        check_range("eval.samples_per_prompt", self.samples_per_prompt, 1)
+        if not self.do_sample and self.samples_per_prompt > 1:
+            raise UserError("eval.samples_per_prompt: greedy decoding (do_sample: false) gives one answer; use 1")
         check_range("eval.confidence", self.confidence, 0.5, 1.0, high_open=True)
         check_range("eval.agreement_group_size", self.agreement_group_size, 2, 8)
         check_range("eval.agreement_groups", self.agreement_groups, 0)

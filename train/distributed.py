@@ -248,10 +248,13 @@ class PolicyAndValue(nn.Module):
         self.policy = policy
         self.value = value
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                **policy_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, **policy_kwargs)
-        logits = getattr(out, "logits", out)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, values_only: bool = False,
+                **policy_kwargs: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(logits, values)``; with ``values_only`` the policy does not run and the logits are None."""
+        logits = None
+        if not values_only:
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, **policy_kwargs)
+            logits = getattr(out, "logits", out)
         return logits, self.value(input_ids=input_ids, attention_mask=attention_mask)
 
 
@@ -343,6 +346,10 @@ def unwrap(model: nn.Module, accelerator) -> nn.Module:
     inner = getattr(model, "module", None)
     if inner is not None and hasattr(model, "zero_optimization_stage"):
         return inner  # a DeepSpeed engine made by prepare_frozen: accelerate does not know it
+    if inner is None and not hasattr(model, "_orig_mod"):
+        # Trick (speed): a plain module is its own inner module; accelerate's unwrap would import
+        # DeepSpeed on first use (about a second, inside the training loop) only to find that out.
+        return model
     return accelerator.unwrap_model(model)
 
 

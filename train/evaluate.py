@@ -1,8 +1,9 @@
 """Eval stage: score each system (original, SFT, baselines, STR variants) on the test examples.
 
-For every row the model answers each test prompt once, with the decoding of ``config.eval`` (the
-paper's sampling by default; seeded identically for every row, so that rows differ by their model and
-not by their random draws). Outputs in the eval folder: ``generations_<row>.jsonl`` (answer and
+For every row the model answers each test prompt ``eval.samples_per_prompt`` times (once by default),
+with the decoding of ``config.eval`` (the paper's sampling by default; seeded identically for every
+row, so that rows differ by their model and not by their random draws); an example's score is the mean
+over its answers. Outputs in the eval folder: ``generations_<row>.jsonl`` (answer and
 per-example scores), ``agreement_groups.jsonl`` (the ranking study's groups) and the report
 (``train.report``). The ranking study samples ``eval.agreement_group_size`` answers per prompt from
 the SFT model and compares each reward model's order, and TextRank's, with the METEOR order
@@ -101,9 +102,16 @@ def _eval_decoding(config: ExperimentConfig) -> dict:
 
 def answer_examples(config: ExperimentConfig, folder: Path, prompts: Sequence[str], desc: str,
                     group=None) -> list[str]:
-    """One answer per prompt from the model in ``folder``, with ``config.eval`` decoding."""
-    return generate_batches(config, folder, prompts, n=1, per_call=config.eval.batch_size, seed=config.eval.seed,
+    """``eval.samples_per_prompt`` answers per prompt (answer ``j`` of prompt ``i`` at ``i * n + j``) from
+    the model in ``folder``, with ``config.eval`` decoding."""
+    return generate_batches(config, folder, prompts, n=config.eval.samples_per_prompt,
+                            per_call=config.eval.batch_size, seed=config.eval.seed,
                             decoding=_eval_decoding(config), desc=desc, group=group)
+
+
+def example_means(scores: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Per-answer scores (``n`` consecutive answers per example) -> each example's mean score."""
+    return {m: values.reshape(-1, n).mean(1) for m, values in scores.items()}
 
 
 def _ci(values: np.ndarray, config: ExperimentConfig) -> dict:
@@ -211,12 +219,13 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
     references = [example_references(ex, task_kind, unanswerable) for ex in examples]
     prompts = [ex.prompt for ex in examples]
     metric_names = TEXT_METRICS + (QA_METRICS if qa else ())
+    n = ev.samples_per_prompt
 
     results: dict = {
         "task_kind": task_kind, "n_examples": len(examples), "confidence": ev.confidence, "bootstrap": ev.bootstrap,
         "metrics": list(metric_names),
         "decoding": {"do_sample": ev.do_sample, "temperature": ev.temperature, "top_p": ev.top_p,
-                     "max_new_tokens": ev.max_new_tokens, "seed": ev.seed},
+                     "max_new_tokens": ev.max_new_tokens, "seed": ev.seed, "samples_per_prompt": n},
         "rows": {}, "paired_vs_sft": {}, "agreement": None, "curves": {},
     }
     per_example: dict[str, dict[str, np.ndarray]] = {}
@@ -224,17 +233,19 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
         texts = answer_examples(config, folder, prompts, desc=f"eval {name}", group=group)
         if not dist.is_main():
             continue
-        scores = score_examples(texts, references, qa=qa, unanswerable=unanswerable)
+        answer_refs = [refs for refs in references for _ in range(n)]
+        scores = example_means(score_examples(texts, answer_refs, qa=qa, unanswerable=unanswerable), n)
         per_example[name] = scores
         generations_file = f"generations_{name}.jsonl"
         write_jsonl(out / generations_file, (
-            {"id": ex.id, "prompt": ex.prompt, "references": refs, "generation": text,
+            {"id": ex.id, "prompt": ex.prompt, "references": refs,
+             **({"generation": texts[i]} if n == 1 else {"generations": texts[i * n:(i + 1) * n]}),
              **{m: float(scores[m][i]) for m in metric_names}}
-            for i, (ex, refs, text) in enumerate(zip(examples, references, texts))))
+            for i, (ex, refs) in enumerate(zip(examples, references))))
         results["rows"][name] = {
             "model": str(folder),
             "metrics": {m: _ci(scores[m], config) for m in metric_names},
-            "corpus_bleu": corpus_bleu(texts, references),
+            "corpus_bleu": corpus_bleu(texts, answer_refs),
             "generations": generations_file,
         }
         log.info("eval %s: %s", name, ", ".join(f"{m}={scores[m].mean():.4f}" for m in metric_names))

@@ -137,30 +137,61 @@ class RowSeededSampler(LogitsProcessor):
     Here each row's token is picked by inverse-CDF sampling with one uniform number from its own
     generator per step, and returned as the only finite score; ``generate`` runs greedy, which then
     takes exactly that token. The distribution is softmax(logits / T) cut to the top-p nucleus, the
-    same as ``generate``'s own sampling (top-k off). The generators live on the CPU (B draws per token).
+    same as ``generate``'s own sampling (top-k off). The generators live on the CPU.
+
+    With ``record=True`` it also keeps, per step, each row's log-probability of the picked token and
+    the entropy under softmax(logits / T) (the whole distribution, as the update computes them), read
+    back with :meth:`recorded`.
     """
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+    BLOCK = 32  # uniforms drawn per row at a time
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, record: bool = False):
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.warpers = []
-        if temperature != 1.0:
-            self.warpers.append(TemperatureLogitsWarper(temperature))
-        if top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(top_p=top_p))
+        self.temperature = TemperatureLogitsWarper(temperature) if temperature != 1.0 else None
+        self.top_p = TopPLogitsWarper(top_p=top_p) if top_p < 1.0 else None
+        self.record = record
+        self._uniform = torch.empty(0)
+        self._step = 0
+        self._logp: list[torch.Tensor] = []
+        self._entropy: list[torch.Tensor] = []
+
+    def _next_uniform(self) -> torch.Tensor:
+        # Trick (speed): each row's generator fills a block of uniforms at once instead of one draw per
+        # row per token; a block of n draws is the same numbers as n single draws, so samples do not change.
+        column = self._step % self.BLOCK
+        if column == 0:
+            self._uniform = torch.stack([torch.rand(self.BLOCK, generator=g, dtype=torch.float64)
+                                         for g in self.generators])
+        self._step += 1
+        return self._uniform[:, column]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if scores.shape[0] != len(self.generators):
             raise ValueError(f"RowSeededSampler: {scores.shape[0]} rows but {len(self.generators)} seeds")
-        for warper in self.warpers:
-            scores = warper(input_ids, scores)
+        if self.temperature is not None:
+            scores = self.temperature(input_ids, scores)
+        if self.record:
+            logp_all = torch.log_softmax(scores.float(), dim=-1)
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
         probs = torch.softmax(scores.float(), dim=-1)
         # 1 - U(0, 1) lies in (0, 1]: the target mass is > 0, so a zero-probability token is never picked.
-        uniform = torch.stack([1.0 - torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
+        uniform = 1.0 - self._next_uniform()
         cdf = probs.cumsum(-1)
         target = (uniform.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
         picked = torch.searchsorted(cdf, target).clamp_(max=probs.shape[-1] - 1)
+        if self.record:
+            self._logp.append(logp_all.gather(1, picked).squeeze(1))
+            self._entropy.append(-(logp_all.exp() * logp_all).sum(-1))
         out = torch.full_like(scores, -math.inf)
         return out.scatter_(1, picked, 0.0)
+
+    def recorded(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logp, entropy)``, each ``(B, steps)``: the first ``steps`` recorded tokens of every row."""
+        if not self.record or len(self._logp) < steps:
+            raise RuntimeError(f"RowSeededSampler recorded {len(self._logp)} steps, {steps} asked for")
+        return torch.stack(self._logp[:steps], 1), torch.stack(self._entropy[:steps], 1)
 
 
 def row_seeds(seed: int, step: int, start: int, end: int, samples_per_prompt: int) -> list[int]:
@@ -189,12 +220,26 @@ def _shifted_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, respo
 
 
 def response_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     response_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     response_length: int, values_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Actor logits ``(B, R, V)`` and critic values ``(B, R)`` for the response positions, in ONE call of
     the (prepared) ``PolicyAndValue`` module: DDP and DeepSpeed only see calls of the wrapped module.
-    The critic reads the same inputs (the last token is not an input either)."""
-    logits, values = model(**_shifted_inputs(input_ids, attention_mask, response_length))
+    The critic reads the same inputs (the last token is not an input either). ``values_only``: the
+    actor does not run and the logits are None (no-gradient rollouts only)."""
+    logits, values = model(**_shifted_inputs(input_ids, attention_mask, response_length), values_only=values_only)
     return logits, values[:, -response_length:]
+
+
+def logprobs_at_sampling(cfg: PPOConfig, model, accelerator) -> bool:
+    """Whether the rollout keeps the sampler's log-probs (``ppo.rollout_logprobs``) instead of a forward.
+
+    ``auto``: yes for fp32 weights without autocast. Why not otherwise: ``generate`` runs the bare
+    actor, while the update's forward may run under accelerate's autocast or in half precision, and
+    then the two differ by far more than round-off, so the first ratio would not start at 1."""
+    if cfg.rollout_logprobs != "auto":
+        return cfg.rollout_logprobs == "sampling"
+    policy = dist.unwrap(model, accelerator).policy
+    return (getattr(accelerator, "mixed_precision", "no") == "no"
+            and next(policy.parameters()).dtype == torch.float32)
 
 
 @torch.no_grad()
@@ -207,7 +252,8 @@ def collect_rollout(model, ref, rm, tokenizer, prompts: list[str], cfg: PPOConfi
     acc = accelerator if accelerator is not None else dist.get_accelerator()
     k = cfg.samples_per_prompt
     gather = cfg.gather_for_generation
-    sampler = RowSeededSampler(seeds, cfg.temperature, cfg.top_p)
+    from_sampling = logprobs_at_sampling(cfg, model, acc)
+    sampler = RowSeededSampler(seeds, cfg.temperature, cfg.top_p, record=from_sampling)
     with dist.gathered_for_generation(model, acc, gather=gather) as inner:
         gen = generate(inner.policy, tokenizer, prompts, n=k, do_sample=False, max_new_tokens=cfg.max_new_tokens,
                        batch_size=max(1, len(prompts) * k),
@@ -220,13 +266,21 @@ def collect_rollout(model, ref, rm, tokenizer, prompts: list[str], cfg: PPOConfi
     attention_mask = torch.cat([gen.query_mask.to(device), mask], dim=1)
     length = response_ids.shape[1]
 
-    # Trick: log-probs recomputed by a plain forward at the sampling temperature (logits / T), the same
-    # computation the update will repeat, so the first ratio is exactly 1 (no generate-vs-forward drift).
-    logits, values = response_forward(model, input_ids, attention_mask, length)
-    logits = logits.float() / cfg.temperature
-    logp = logprobs_from_logits(logits, response_ids)
-    entropy = (entropy_from_logits(logits) * mask).sum(1)
-    del logits
+    if from_sampling:
+        # Trick (speed): the log-probs the sampler saw while drawing, so the actor runs no second forward
+        # over the batch; they differ from the update's forward only by float round-off (cached keys).
+        logp, token_entropy = (t.to(device) for t in sampler.recorded(length))
+        logp = logp.masked_fill(mask == 0, 0.0)
+        _, values = response_forward(model, input_ids, attention_mask, length, values_only=True)
+    else:
+        # Log-probs recomputed by a plain forward at the sampling temperature (logits / T), the same
+        # computation the update will repeat, so the first ratio is exactly 1 (no generate-vs-forward drift).
+        logits, values = response_forward(model, input_ids, attention_mask, length)
+        logits = logits.float() / cfg.temperature
+        logp = logprobs_from_logits(logits, response_ids)
+        token_entropy = entropy_from_logits(logits)
+        del logits
+    entropy = (token_entropy * mask).sum(1)
     ref_logp = logprobs_from_logits(response_logits(ref, input_ids, attention_mask, length), response_ids,
                                     cfg.temperature)
     # The RM reads the last real token: the EOS when the answer ended, as in its training texts.

@@ -61,8 +61,11 @@ def format_table(results: dict) -> str:
         cells.append(_fmt(row.get("corpus_bleu"), 1.0))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Means over {results.get('n_examples', '?')} test examples with {int(conf * 100)}% percentile "
-                 "bootstrap intervals; best mean per column in bold. Corpus BLEU: sacreBLEU (0-100).")
+    answers = (results.get("decoding") or {}).get("samples_per_prompt", 1)
+    each = f" (each scored as the mean of its {answers} sampled answers)" if answers > 1 else ""
+    lines.append(f"Means over {results.get('n_examples', '?')} test examples{each} with {int(conf * 100)}% "
+                 "percentile bootstrap intervals over examples; best mean per column in bold. Corpus BLEU: "
+                 "sacreBLEU (0-100).")
     return "\n".join(lines)
 
 

@@ -201,7 +201,7 @@ def training_items(pairs: list[PreferencePair], groups: list[RankedGroup], heldo
         return [(p.prompt, [p.winner, p.loser_text(use_noise)]) for p in pairs if p.prompt not in heldout]
     if loss == "listwise":
         return [(prompt, texts) for prompt, texts in ranked_lists(groups) if prompt not in heldout]
-    raise UserError(f"reward.loss: must be one of {', '.join(LOSSES)}; got {loss!r}")
+    raise UserError(f"reward loss: must be one of {', '.join(LOSSES)}; got {loss!r}")
 
 
 # ---- batching ---------------------------------------------------------------------------------
@@ -363,7 +363,7 @@ def train_reward(config: ExperimentConfig, sft_folder: Path, pairs_path: Path, r
     (and, pairwise, the batch ``accuracy``). Collective under a launcher: every rank calls it alike.
     Returns the stage summary."""
     if loss not in LOSSES:
-        raise UserError(f"reward.loss: must be one of {', '.join(LOSSES)}; got {loss!r}")
+        raise UserError(f"reward loss: must be one of {', '.join(LOSSES)}; got {loss!r}")
     cfg = config.reward
     started = time.monotonic()
     out_folder = Path(out_folder)

@@ -102,7 +102,10 @@ def example_order(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     return out
 
 
-def total_steps(n_examples: int, config: ExperimentConfig) -> int:
+def total_steps(n_examples: int, config: ExperimentConfig, baseline: bool = False) -> int:
+    """Optimizer steps of the main method (or of a baseline: ``sft.baseline_max_steps`` when set)."""
+    if baseline and config.sft.baseline_max_steps is not None:
+        return config.sft.baseline_max_steps
     if config.sft.max_steps is not None:
         return config.sft.max_steps
     return max(1, math.ceil(config.sft.epochs * n_examples / config.sft.batch_size))
@@ -181,7 +184,7 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
     module = peft_methods.prepare(model, method, sft)
     trainable = peft_methods.trainable_parameters(module)
     n = len(data.train)
-    steps = 0 if method == "none" else total_steps(n, config)
+    steps = 0 if method == "none" else total_steps(n, config, baseline=method != sft.method)
     summary = {"method": method, "steps": steps, "trainable_params": trainable,
                "total_params": sum(p.numel() for p in module.parameters()), "examples": n}
     if steps == 0:

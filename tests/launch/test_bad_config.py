@@ -50,7 +50,12 @@ CONFIG_CASES = [
     ("confidence-1", "eval: {confidence: 1.0}\n", "eval.confidence"),
     ("name-escapes", "name: ../../etc\n", "name"),
     ("reward-loss", "reward: {loss: hinge}\n", "reward.loss"),
+    ("reward-loss-is-the-variant", "reward: {loss: listwise}\n", "str_listwise in variants"),
     ("nan-policy", "ppo: {nan_policy: ignore}\n", "ppo.nan_policy"),
+    ("rollout-logprobs", "ppo: {rollout_logprobs: cached}\n", "ppo.rollout_logprobs"),
+    ("eval-samples-zero", "eval: {samples_per_prompt: 0}\n", "eval.samples_per_prompt"),
+    ("eval-greedy-several", "eval: {do_sample: false, samples_per_prompt: 4}\n", "eval.samples_per_prompt"),
+    ("baseline-steps", "sft: {baseline_max_steps: 0}\n", "sft.baseline_max_steps"),
     ("yaml-syntax", "sample: {k: 4\n", "config.yaml"),
     ("yaml-top-list", "- a\n- b\n", "top level"),
 ]

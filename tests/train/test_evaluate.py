@@ -1,7 +1,9 @@
 """evaluate_rows end to end on tiny real models: generations, metrics, paired CIs, agreement, report."""
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +83,25 @@ def test_rows_metrics_and_generations(run_folder):
     same = [g["generation"] for g in _generations(out, "original")]
     assert [g["generation"] for g in _generations(out, "str")] == same
     assert any(g["generation"] for g in _generations(out, "sft"))
+
+
+def test_several_answers_per_prompt_score_their_mean(run_folder, tmp_path):
+    config, first, _ = run_folder
+    config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, samples_per_prompt=3,
+                                                                  agreement_groups=0))
+    rows = [("sft", Path(first["rows"]["sft"]["model"]))]
+    results = evaluate_rows(config, rows, _examples(), tmp_path / "eval", task_kind="qa")
+    gens = _generations(tmp_path / "eval", "sft")
+    assert all(len(g["generations"]) == 3 and "generation" not in g for g in gens)
+    answers = [t for g in gens for t in g["generations"]]
+    assert len(set(answers)) > 6  # three different draws per prompt, not one answer repeated
+    per_answer = metrics.score_examples(answers, [g["references"] for g in gens for _ in range(3)], qa=True)
+    for m in ("meteor", "em", "f1"):
+        means = per_answer[m].reshape(-1, 3).mean(1)
+        assert [g[m] for g in gens] == pytest.approx(means.tolist())
+        assert results["rows"]["sft"]["metrics"][m]["mean"] == pytest.approx(float(means.mean()))
+    assert results["decoding"]["samples_per_prompt"] == 3
+    assert "mean of its 3 sampled answers" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_paired_differences_against_sft(run_folder):

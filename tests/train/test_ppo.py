@@ -121,11 +121,13 @@ def test_value_model_starts_as_the_normalised_reward(world):
         torch.testing.assert_close(again(ids, mask), values)
 
 
-def test_rollout_logprobs_match_the_update_forward(world):
+@pytest.mark.parametrize("source", ["sampling", "forward"])
+def test_rollout_logprobs_match_the_update_forward(world, source):
     actor, tokenizer = load_model(world["sft"])
     rm = RewardModel.from_pretrained(world["rm"])
     critic = ValueModel.from_reward_model(rm)
-    cfg = PPOConfig(batch_size=2, samples_per_prompt=2, max_new_tokens=6, temperature=0.7)
+    cfg = PPOConfig(batch_size=2, samples_per_prompt=2, max_new_tokens=6, temperature=0.7, top_p=0.9,
+                    rollout_logprobs=source)
     model = PolicyAndValue(actor, critic)
     ro = collect_rollout(model, actor, rm, tokenizer, PROMPTS[:2], cfg, row_seeds(5, 1, 0, 2, 2))
     # The reference here IS the actor, so the KL is exactly 0 and the log-probs are real probabilities.
@@ -138,6 +140,15 @@ def test_rollout_logprobs_match_the_update_forward(world):
     r = ro.response_ids.shape[1]
     expected = torch.log_softmax(full[:, -r - 1:-1] / 0.7, -1).gather(-1, ro.response_ids.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(ro.logp * ro.mask, expected * ro.mask, atol=1e-5, rtol=1e-5)
+    # The entropy is that of the whole tempered distribution (not the nucleus), summed over real tokens.
+    tempered = torch.log_softmax(full[:, -r - 1:-1] / 0.7, -1)
+    entropy = (-(tempered.exp() * tempered).sum(-1) * ro.mask).sum(1)
+    torch.testing.assert_close(ro.entropy, entropy, atol=1e-4, rtol=1e-5)
+    # Both sources sample the same answers (the draws do not depend on where the log-probs come from).
+    other = collect_rollout(model, actor, rm, tokenizer, PROMPTS[:2],
+                            PPOConfig(**{**cfg.__dict__, "rollout_logprobs": "sampling" if source == "forward"
+                                         else "forward"}), row_seeds(5, 1, 0, 2, 2))
+    assert other.texts == ro.texts and torch.equal(other.response_ids, ro.response_ids)
     # The RM score is read on the same ids, and the values are the critic's on the states before each token.
     torch.testing.assert_close(ro.raw_score, rm(ro.input_ids, ro.attention_mask).detach())
     with torch.no_grad():
@@ -183,6 +194,30 @@ def test_row_seeded_sampler_draws_from_the_tempered_nucleus():
     # The same seed gives the same draw whatever the other rows are.
     again = RowSeededSampler([5, 999], temperature=0.5, top_p=1.0)(None, scores[:2].clone())
     assert again[0].argmax() == out[5].argmax()
+
+
+def test_row_seeded_sampler_uses_each_rows_stream_in_order_across_blocks():
+    """Step t of row i uses the t-th uniform of generator seeds[i], also past a block of pre-drawn
+    uniforms, and the recorded log-prob is that of the picked token under softmax(logits / T)."""
+    from train.ppo import RowSeededSampler
+
+    seeds, steps, vocab = [3, 8], RowSeededSampler.BLOCK + 9, 50
+    logits = torch.randn(steps, 2, vocab, generator=torch.Generator().manual_seed(0))
+    sampler = RowSeededSampler(seeds, temperature=0.7, top_p=1.0, record=True)
+    picked = torch.stack([sampler(None, logits[t].clone()).argmax(1) for t in range(steps)], 1)
+    for row, seed in enumerate(seeds):
+        stream = torch.Generator().manual_seed(seed)
+        for t in range(steps):
+            cdf = torch.softmax(logits[t, row] / 0.7, -1).cumsum(0)
+            u = 1.0 - torch.rand((), generator=stream, dtype=torch.float64)
+            expected = int(torch.searchsorted(cdf, (u.float() * cdf[-1]).reshape(1)))
+            assert int(picked[row, t]) == expected, (row, t)
+    logp, entropy = sampler.recorded(steps)
+    tempered = torch.log_softmax(logits / 0.7, -1).transpose(0, 1)  # (rows, steps, vocab)
+    torch.testing.assert_close(logp, tempered.gather(-1, picked.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close(entropy, -(tempered.exp() * tempered).sum(-1))
+    with pytest.raises(RuntimeError):
+        sampler.recorded(steps + 1)
 
 
 def _mean_score(folder, rm_folder, seed=11):

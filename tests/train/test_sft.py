@@ -101,7 +101,8 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_stage_writes_original_main_and_baselines(tmp_path):
     cfg = tiny_config(tmp_path)
-    cfg.sft = dataclasses.replace(cfg.sft, method="lora", baselines=["bitfit", "none"], max_steps=2)
+    cfg.sft = dataclasses.replace(cfg.sft, method="lora", baselines=["bitfit", "none"], max_steps=2,
+                                  baseline_max_steps=1)
     run = RunDir.for_config(cfg)
     summary = sft.run(cfg, run, resume=False)
     stage = run.root / "sft"
@@ -109,6 +110,7 @@ def test_stage_writes_original_main_and_baselines(tmp_path):
                    stage / "baselines" / "none" / "model"):
         assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
     assert summary["runs"]["none"]["steps"] == 0 and summary["runs"]["lora"]["steps"] == 2
+    assert summary["runs"]["bitfit"]["steps"] == 1  # baselines run sft.baseline_max_steps
     none = _weights(stage / "baselines" / "none" / "model")
     original = _weights(stage / "original")
     assert all(torch.equal(none[k], original[k]) for k in original)
