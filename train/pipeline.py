@@ -263,7 +263,12 @@ def settings_digest(config: ExperimentConfig, stage: str) -> str:
     is redone instead of being silently reused."""
     import hashlib
 
+    from .sample import ranking_config_for
+
     relevant = {name: getattr(config, name) for name in STAGE_SETTINGS[stage]}
+    if "ranking" in relevant:
+        # What the sample stage ran with: a noise variant switches noise records on.
+        relevant["ranking"] = ranking_config_for(config)
     text = json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in relevant.items()},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -5,7 +5,8 @@ model, and a critic initialised from the reward model (``train/value_model.py``)
 
 1. take ``batch_size`` prompts (the GLOBAL batch) in a seeded order (the position is checkpointed);
 2. roll out: each process samples ``samples_per_prompt`` answers for its contiguous share of the
-   prompts, then, without gradients, recomputes the actor's and the reference's log-probs, the RM
+   prompts (the sampler keeps the actor's log-probs as it draws, or a forward recomputes them:
+   ``ppo.rollout_logprobs``), then, without gradients, computes the reference's log-probs, the RM
    score and the critic's values (``collect_rollout``); the shares are gathered (``gather_rollout``)
    so every process holds the whole batch's rollout tensors;
 3. shape the reward: missing-EOS penalty, per-token KL penalty, optional reward whitening; GAE;

@@ -54,3 +54,18 @@ def test_a_completed_stage_whose_settings_changed_is_redone(tmp_path):
     assert (run.root / "sample" / "DONE.json").stat().st_mtime_ns != sample_stamp
     ranked = [json.loads(line) for line in (run.root / "sample" / "ranked.jsonl").read_text().splitlines()]
     assert ranked and all(len(group["responses"]) == 3 for group in ranked)
+
+
+def test_adding_the_noise_variant_redoes_the_sample_stage(tmp_path):
+    """Noise records are written only when a noise variant is listed: a sample stage run for plain STR
+    must not be reused by str_noise (its reward model would train on un-noised pairs)."""
+    config = tiny_config(tmp_path, name="noise", variants=["str"],
+                         sft=SFTConfig(lr=1e-3, batch_size=8, max_steps=2, block_size=64))
+    config.ranking.noise.probability = 1.0
+    run_pipeline(config, ["sft", "sample"])
+    root = RunDir(tmp_path / "noise").root
+    pairs = [json.loads(line) for line in (root / "sample" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and not any(p["loser_noised"] for p in pairs)
+    run_pipeline(dataclasses.replace(config, variants=["str", "str_noise"]), ["sft", "sample"])
+    pairs = [json.loads(line) for line in (root / "sample" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and any(p["loser_noised"] for p in pairs)
