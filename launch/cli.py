@@ -171,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selfrank: error: disk full while writing {where} ({os.strerror(code)}); "
               "free space (or raise the file size limit) and rerun with --resume", file=sys.stderr)
         return 1
+    finally:
+        if "torch" in sys.modules:  # a stage ran (no need to import torch only to find no process group)
+            from train.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

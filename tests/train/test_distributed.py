@@ -268,3 +268,17 @@ def test_single_process_layer(tmp_path):
     dist.save_full(frozen, acc, lambda m: save_model(m, tokenizer, tmp_path / "m"))
     loaded, _ = load_model(tmp_path / "m")
     torch.testing.assert_close(loaded.transformer.wte.weight, frozen.transformer.wte.weight)
+
+
+def test_shutdown_destroys_the_process_group_and_is_a_no_op_without_one(tmp_path):
+    dist.shutdown()  # none yet: nothing to do
+    assert not torch.distributed.is_initialized()
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert torch.distributed.is_initialized()
+        dist.shutdown()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
