@@ -156,6 +156,25 @@ def test_rollout_logprobs_match_the_update_forward(world, source):
     torch.testing.assert_close(ro.values, values)
 
 
+def test_auto_rollout_logprobs_recompute_under_autocast_or_half_weights(world):
+    """``auto`` keeps the sampler's log-probs only when generate and the update compute alike: fp32
+    weights and no autocast. (The accelerator stand-in carries the one attribute that is read.)"""
+    from types import SimpleNamespace
+
+    from train.ppo import logprobs_at_sampling
+
+    actor, _ = load_model(world["sft"])
+    model = PolicyAndValue(actor, ValueModel.from_reward_model(RewardModel.from_pretrained(world["rm"])))
+    plain, autocast = SimpleNamespace(mixed_precision="no"), SimpleNamespace(mixed_precision="bf16")
+    auto = PPOConfig()
+    assert logprobs_at_sampling(auto, model, plain)
+    assert not logprobs_at_sampling(auto, model, autocast)
+    assert logprobs_at_sampling(PPOConfig(rollout_logprobs="sampling"), model, autocast)
+    assert not logprobs_at_sampling(PPOConfig(rollout_logprobs="forward"), model, plain)
+    actor.to(torch.bfloat16)
+    assert not logprobs_at_sampling(auto, model, plain)
+
+
 def test_row_seeded_sampling_does_not_depend_on_the_batch(world):
     """An answer depends on its own seed only: sampled alone or among other prompts, it is the same,
     and the rows that share a prompt but not a seed differ."""
