@@ -232,11 +232,6 @@ def gather_lists(items: list, group=None) -> list:
     return [item for part in out for item in part]
 
 
-def gather_object(items: list, accelerator) -> list:
-    """``gather_lists`` over the accelerator's (the job's) process group."""
-    return gather_lists(items)
-
-
 def round_robin(items: Sequence[T]) -> list[tuple[int, T]]:
     """This process's share of ``items`` as ``(index, item)``: item ``i`` goes to rank ``i % world``."""
     rank_, world = rank(), world_size()

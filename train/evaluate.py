@@ -220,6 +220,7 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
     prompts = [ex.prompt for ex in examples]
     metric_names = TEXT_METRICS + (QA_METRICS if qa else ())
     n = ev.samples_per_prompt
+    answer_refs = [refs for refs in references for _ in range(n)]  # the gold answers of each scored answer
 
     results: dict = {
         "task_kind": task_kind, "n_examples": len(examples), "confidence": ev.confidence, "bootstrap": ev.bootstrap,
@@ -233,7 +234,6 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
         texts = answer_examples(config, folder, prompts, desc=f"eval {name}", group=group)
         if not dist.is_main():
             continue
-        answer_refs = [refs for refs in references for _ in range(n)]
         scores = example_means(score_examples(texts, answer_refs, qa=qa, unanswerable=unanswerable), n)
         per_example[name] = scores
         generations_file = f"generations_{name}.jsonl"

@@ -326,7 +326,7 @@ def gather_rollout(local: Rollout, accelerator, pad_id: int) -> Rollout:
                    mask=mask, ended=whole(local.ended), logp=whole(response["logp"]),
                    ref_logp=whole(response["ref_logp"]), values=whole(response["values"]),
                    raw_score=whole(local.raw_score), score=whole(local.score), entropy=whole(local.entropy),
-                   texts=dist.gather_object(local.texts, acc))
+                   texts=dist.gather_lists(local.texts))
 
 
 def _finite(*tensors: torch.Tensor) -> bool:
@@ -565,7 +565,7 @@ class OnlineRewardRefresher:
         self.fresh = []
         several = accelerator is not None and accelerator.num_processes > 1
         if several:
-            keep = dist.gather_object(keep, accelerator)
+            keep = dist.gather_lists(keep)
             dropped = int(dist.reduce_sum(float(self.dropped_stale), accelerator))
         else:
             dropped = self.dropped_stale

@@ -313,7 +313,7 @@ def sharded_score(rm: RewardModel, tokenizer, prompts: list[str], responses: lis
     index, real = uneven_shard(list(range(len(prompts))), acc)
     local = (score(rm, tokenizer, [prompts[i] for i in index], [responses[i] for i in index], batch_size,
                    max_length, normalized=False).tolist() if real else [])
-    return np.asarray(dist.gather_object(local, acc), dtype=np.float32)
+    return np.asarray(dist.gather_lists(local), dtype=np.float32)
 
 
 def _accuracy(rm: RewardModel, tokenizer, pairs: list[PreferencePair], use_noise: bool, batch_size: int,

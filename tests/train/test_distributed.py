@@ -248,7 +248,7 @@ def test_single_process_layer(tmp_path):
     assert loss.item() == pytest.approx(1.5)
     loss.backward()
     assert loss_sum.grad.item() == pytest.approx(0.25)
-    assert dist.reduce_mean(3.0, acc) == 3.0 and dist.gather_object([1, 2], acc) == [1, 2]
+    assert dist.reduce_mean(3.0, acc) == 3.0 and dist.gather_lists([1, 2]) == [1, 2]
 
     policy, tokenizer = tiny_policy(seed=0)
     value = ValueModel(policy.transformer, nn.Linear(policy.config.n_embd, 1))

@@ -1,6 +1,7 @@
 """The PPO loop on tiny real models: learning, exact resume, NaN handling, missing-EOS penalty."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -145,9 +146,9 @@ def test_rollout_logprobs_match_the_update_forward(world, source):
     entropy = (-(tempered.exp() * tempered).sum(-1) * ro.mask).sum(1)
     torch.testing.assert_close(ro.entropy, entropy, atol=1e-4, rtol=1e-5)
     # Both sources sample the same answers (the draws do not depend on where the log-probs come from).
+    other_source = "sampling" if source == "forward" else "forward"
     other = collect_rollout(model, actor, rm, tokenizer, PROMPTS[:2],
-                            PPOConfig(**{**cfg.__dict__, "rollout_logprobs": "sampling" if source == "forward"
-                                         else "forward"}), row_seeds(5, 1, 0, 2, 2))
+                            dataclasses.replace(cfg, rollout_logprobs=other_source), row_seeds(5, 1, 0, 2, 2))
     assert other.texts == ro.texts and torch.equal(other.response_ids, ro.response_ids)
     # The RM score is read on the same ids, and the values are the critic's on the states before each token.
     torch.testing.assert_close(ro.raw_score, rm(ro.input_ids, ro.attention_mask).detach())

@@ -45,7 +45,7 @@ def main() -> None:
     summary = train_ppo(config, prompts, Path(args.sft), Path(args.rm), Path(args.out), resume=args.resume)
     seconds = time.perf_counter() - started
     # ru_maxrss is in KiB on Linux: this process's peak resident memory.
-    rss = dist.gather_object([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], acc)
+    rss = dist.gather_lists([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])
     if acc.is_main_process:
         write_json(Path(args.out) / "run.json", {
             "summary": summary, "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),

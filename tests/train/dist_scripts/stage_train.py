@@ -56,7 +56,7 @@ def main() -> None:
               "zero_stage": dist.zero_stage(acc), "sft": metrics["sft"], "reward": metrics["reward"],
               "sft_summary": sft_summary, "rm_summary": rm_summary,
               # Every rank saw the same global metrics (reduced), not its own shard's.
-              "sft_losses_per_rank": dist.gather_object([[m["loss"] for _, m in metrics["sft"]]], acc)}
+              "sft_losses_per_rank": dist.gather_lists([[m["loss"] for _, m in metrics["sft"]]])}
     if acc.is_main_process:
         (out / "result.json").write_text(json.dumps(result, indent=1))
     acc.wait_for_everyone()

@@ -131,10 +131,10 @@ def main() -> None:
         "zero_stage": dist.zero_stage(acc),
         "grad_accum": gas,
         "losses": losses,
-        "gathered_ranks": dist.gather_object([acc.process_index], acc),
-        "gathered_shards": dist.gather_object(shard, acc),
+        "gathered_ranks": dist.gather_lists([acc.process_index]),
+        "gathered_shards": dist.gather_lists(shard),
         "mean_rank": dist.reduce_mean(float(acc.process_index), acc),
-        "seeds": dist.gather_object([dist.per_rank_seed(7, acc)], acc),
+        "seeds": dist.gather_lists([dist.per_rank_seed(7, acc)]),
     }
     tensors = {}
     probe_ids, probe_mask = probe_inputs(tokenizer)
@@ -156,7 +156,7 @@ def main() -> None:
                                  max_new_tokens=6, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id, **dist.generation_kwargs(model, acc, False))
             texts.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
-        result["trained_text_sharded"] = dist.gather_object(texts, acc)
+        result["trained_text_sharded"] = dist.gather_lists(texts)
     # The engine must still train after generation (ZeRO-3 hooks restored): one more step.
     model.train()
     result["loss_after_generation"] = train_step()
