@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 $(WORDNET): launch/setup_wordnet.py | $(STAMP)
-	$(PY) -m launch.setup_wordnet $(NLTK_DATA_DIR)
+	$(PY) -m selfrank.launch.setup_wordnet $(NLTK_DATA_DIR)
 
 # A real single-node Slurm for the SLURM tests (Debian packages; needs root, as CI has).
 $(SLURM_BIN):

@@ -53,9 +53,9 @@ def prepare(folder: Path, text_path: Path, episodes: int, seed: int = 0) -> None
     import torch
 
     sys.path.insert(0, str(REPO))
-    from train.config import TinyModelConfig
-    from train.models import build_tiny_model, save_model, train_bpe_tokenizer
-    from train.reward_model import RewardModel
+    from selfrank.train.config import TinyModelConfig
+    from selfrank.train.models.causal_lm import build_tiny_model, save_model, train_bpe_tokenizer
+    from selfrank.train.models.reward_model import RewardModel
 
     torch.manual_seed(seed)
     texts = _texts(text_path)
@@ -89,8 +89,8 @@ def _peak_rss_mb() -> float:
 
 def run_ours(folder: Path, episodes: int) -> dict:
     sys.path.insert(0, str(REPO))
-    from train.config import ExperimentConfig, PPOConfig
-    from train.ppo import train_ppo
+    from selfrank.train.config import ExperimentConfig, PPOConfig
+    from selfrank.train.stages.ppo import train_ppo
 
     prompts = json.loads((folder / "prompts.json").read_text())
     steps = episodes // BATCH
@@ -121,7 +121,7 @@ def run_trl(folder: Path, episodes: int) -> dict:
     policy = AutoModelForCausalLM.from_pretrained(folder / "policy")
     ref = AutoModelForCausalLM.from_pretrained(folder / "policy")
     sys.path.insert(0, str(REPO))
-    from train.reward_model import RewardModel
+    from selfrank.train.models.reward_model import RewardModel
 
     head = RewardModel.from_pretrained(folder / "rm").head
 

@@ -24,7 +24,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ranking.config import EmbedderConfig, RankingConfig  # noqa: E402  (light imports only: see pool.py)
+from selfrank.ranking.config import EmbedderConfig, RankingConfig  # noqa: E402  (light imports only: see pool.py)
 
 
 def short_answers(path: Path, limit: int = 20000) -> list[str]:
@@ -53,8 +53,8 @@ def time_in_process(ranker, groups: list[dict], chunk: int) -> float:
 
 def maths_split(ranker, groups: list[dict]) -> tuple[float, float]:
     """Seconds per group of TextRank and of ISODATA alone, on the same embeddings."""
-    from ranking.isodata import isodata
-    from ranking.textrank import textrank_scores
+    from selfrank.ranking.isodata import isodata
+    from selfrank.ranking.textrank import textrank_scores
 
     embeddings = ranker.embed_groups([g["responses"] for g in groups])
     start = time.perf_counter()
@@ -85,7 +85,7 @@ def marginal(ranker, answers, k: int, base: int, extra: int, chunk: int, rng) ->
 
 
 def pool_rate(config: RankingConfig, answers, k: int, n: int, workers: int, rng) -> float:
-    from ranking.pool import RankingPool
+    from selfrank.ranking.pool import RankingPool
 
     with RankingPool(config, workers=workers, batch_groups=4) as pool:
         pool.wait_ready()
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from ranking.ranker import Ranker
+    from selfrank.ranking.ranker import Ranker
 
     answers = short_answers(Path(args.data))
     rng = random.Random(0)

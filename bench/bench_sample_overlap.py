@@ -44,12 +44,12 @@ def main() -> None:
 
     import torch
 
-    from launch.config import load_experiment
-    from ranking.pool import RankingPool
-    from ranking.ranker import Ranker
-    from train.data import load_task, prompt_markers
-    from train.generation import generate
-    from train.models import init_policy
+    from selfrank.launch.config import load_experiment
+    from selfrank.ranking.pool import RankingPool
+    from selfrank.ranking.ranker import Ranker
+    from selfrank.train.data.tasks import load_task, prompt_markers
+    from selfrank.train.sampling.generation import generate
+    from selfrank.train.models.causal_lm import init_policy
 
     torch.set_num_threads(1)
     overrides = list(POLICIES[args.policy])

@@ -20,10 +20,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from ranking.atomic import write_json  # noqa: E402
-from train import distributed as dist  # noqa: E402
-from train.config import ExperimentConfig, TinyModelConfig  # noqa: E402
-from train.pipeline import run_pipeline  # noqa: E402
+from selfrank.atomic import write_json  # noqa: E402
+from selfrank.train import dist as dist  # noqa: E402
+from selfrank.train.config import ExperimentConfig, TinyModelConfig  # noqa: E402
+from selfrank.train.pipeline import run_pipeline  # noqa: E402
 
 STAGES = ("sft", "sample", "reward", "ppo")
 

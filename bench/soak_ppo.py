@@ -40,8 +40,8 @@ def main() -> None:
     import torch
 
     import bench_ppo
-    from train.config import ExperimentConfig, PPOConfig
-    from train.ppo import train_ppo
+    from selfrank.train.config import ExperimentConfig, PPOConfig
+    from selfrank.train.stages.ppo import train_ppo
 
     torch.set_num_threads(args.threads)
     folder = Path(tempfile.mkdtemp(prefix="soak-ppo-"))
@@ -67,7 +67,7 @@ def main() -> None:
     pool = None
     try:
         if args.ranking:
-            from ranking.pool import RankingPool
+            from selfrank.ranking.pool import RankingPool
 
             pool = RankingPool(config.ranking, workers=1)
         summary = train_ppo(config, prompts, folder / "policy", folder / "rm", folder / "out",

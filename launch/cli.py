@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from ranking.errors import UserError
+from selfrank.errors import UserError
 
 STAGE_COMMANDS = ("sft", "sample", "reward", "ppo", "eval")
 
@@ -53,9 +53,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_rank(args) -> int:
-    from ranking.config import RankingConfig
-    from ranking.files import rank_file
-    from launch.config import build, load_yaml
+    from selfrank.ranking.config import RankingConfig
+    from selfrank.ranking.files import rank_file
+    from selfrank.launch.config import build, load_yaml
 
     data = {}
     if args.config:
@@ -77,9 +77,9 @@ def _preflight(config, stages: list[str], force: bool) -> None:
     model name leaves the run folder exactly as it was."""
     from pathlib import Path
 
-    from train.data import load_task
-    from train.models import check_model_source
-    from train.rundir import RunDir
+    from selfrank.train.data.tasks import load_task
+    from selfrank.train.models.causal_lm import check_model_source
+    from selfrank.train.rundir import RunDir
 
     root = RunDir(Path(config.output_dir) / config.name)
     todo = [stage for stage in stages if force or not root.is_done(stage)]
@@ -92,11 +92,11 @@ def _preflight(config, stages: list[str], force: bool) -> None:
 def _cmd_stage(args) -> int:
     from pathlib import Path
 
-    from launch.config import load_experiment
-    from launch.tracking import Tracker, pipeline_callbacks
-    from train.config import STAGES
-    from train.pipeline import run_pipeline
-    from train.signals import install_stop_handlers
+    from selfrank.launch.config import load_experiment
+    from selfrank.launch.tracking import Tracker, pipeline_callbacks
+    from selfrank.train.config import STAGES
+    from selfrank.train.pipeline import run_pipeline
+    from selfrank.train.signals import install_stop_handlers
 
     config = load_experiment(args.config, args.overrides)
     stages = None if args.command == "run" else [args.command]
@@ -109,14 +109,14 @@ def _cmd_stage(args) -> int:
 
 
 def _cmd_experiment(args) -> int:
-    from launch.experiment import load_grid, run_grid
+    from selfrank.launch.experiment import load_grid, run_grid
 
     run_grid(load_grid(args.grid))
     return 0
 
 
 def _cmd_slurm(args) -> int:
-    from launch.slurm import slurm_command
+    from selfrank.launch.slurm import slurm_command
 
     return slurm_command(args)
 
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print("selfrank: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from ranking.atomic import disk_full_errno
-        from train.signals import EXIT_CODE, Preempted
+        from selfrank.atomic import disk_full_errno
+        from selfrank.train.signals import EXIT_CODE, Preempted
 
         if isinstance(exc, Preempted):  # 143: the job script requeues the job, which resumes
             print(f"selfrank: {exc}", file=sys.stderr)
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if "torch" in sys.modules:  # a stage ran (no need to import torch only to find no process group)
-            from train.distributed import shutdown
+            from selfrank.train.dist import shutdown
 
             shutdown()
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ranking.errors import UserError
+from selfrank.errors import UserError
 
 T = TypeVar("T")
 
@@ -132,7 +132,7 @@ def to_dict(obj) -> dict:
 
 def load_experiment(path: str | os.PathLike, overrides: list[str] | None = None):
     """Read an experiment YAML, apply ``key.sub=value`` overrides, and return an ExperimentConfig."""
-    from train.config import ExperimentConfig
+    from selfrank.train.config import ExperimentConfig
 
     data = load_yaml(path)
     for item in overrides or []:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ranking.atomic import write_json, write_text
-from ranking.errors import UserError
-from ranking.jsonl import read_jsonl
-from ranking.validate import check_range
+from selfrank.atomic import write_json, write_text
+from selfrank.errors import UserError
+from selfrank.jsonl import read_jsonl
+from selfrank.validate import check_range
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _per_example(eval_dir: Path, row: str, metric: str) -> np.ndarray:
 def pool_task(run_dirs: list[Path], grid: GridConfig) -> dict:
     """One task's rows pooled over seeds: per cell the mean over seeds x examples and its bootstrap CI,
     plus each row's paired difference to SFT (examples resampled, seeds averaged per example)."""
-    from train.metrics import bootstrap_ci, paired_bootstrap_diff
+    from selfrank.train.evaluation.metrics import bootstrap_ci, paired_bootstrap_diff
 
     reports = [json.loads((d / "eval" / "report.json").read_text()) for d in run_dirs]
     first = reports[0]
@@ -124,7 +124,7 @@ def pool_task(run_dirs: list[Path], grid: GridConfig) -> dict:
 
 def cost_ledger(run_dir: Path, annotation: AnnotationCost) -> dict:
     """Ranking work done and compute spent by one run, against the crowd price of the same pairs."""
-    from train.rundir import RunDir
+    from selfrank.train.rundir import RunDir
 
     run = RunDir(run_dir)
     sample = run.summary("sample")
@@ -209,7 +209,7 @@ def environment() -> dict:
 def _summary_lines(tasks: dict[str, dict], sweeps: dict[str, dict]) -> list[str]:
     """One line per task: each STR variant against SFT on the task's main metric, and TextRank's top
     pick against a random pick (from the sweep's default cell), from the CIs below."""
-    from train.metrics import EXACT_ANSWER_TASKS
+    from selfrank.train.evaluation.metrics import EXACT_ANSWER_TASKS
 
     lines = ["## Summary", ""]
     for task, pooled in tasks.items():
@@ -231,7 +231,7 @@ def _summary_lines(tasks: dict[str, dict], sweeps: dict[str, dict]) -> list[str]
 
 def render(grid: GridConfig, tasks: dict[str, dict], ledgers: dict[str, list[dict]], env: dict,
            sweeps: dict[str, dict] | None = None) -> str:
-    from train.report import format_table
+    from selfrank.train.evaluation.report import format_table
 
     out = [f"# Results: {grid.name}", ""]
     if grid.command:
@@ -271,8 +271,8 @@ def _plot(tasks: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ranking.atomic import atomic_open
-    from train.metrics import EXACT_ANSWER_TASKS
+    from selfrank.atomic import atomic_open
+    from selfrank.train.evaluation.metrics import EXACT_ANSWER_TASKS
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
     for ax, (task, pooled) in zip(axes[0], tasks.items()):
@@ -293,9 +293,9 @@ def _plot(tasks: dict[str, dict], path: Path) -> None:
 def run_sweep(config, sweep: AgreementSweepConfig, run_dir: Path) -> dict:
     """The agreement sweep of one run, computed once and kept in the run folder; redone when the
     sweep or the run's settings (the same digest that decides whether a stage is redone) change."""
-    from train.agreement_sweep import agreement_sweep
-    from train.data import load_task
-    from train.pipeline import settings_digest
+    from selfrank.train.evaluation.agreement_sweep import agreement_sweep
+    from selfrank.train.data.tasks import load_task
+    from selfrank.train.pipeline import settings_digest
 
     path = run_dir / "agreement_sweep.json"
     digest = settings_digest(config, "eval")  # everything the SFT model and the study's sampling depend on
@@ -327,9 +327,9 @@ def _sweep_lines(sweep: dict) -> list[str]:
 
 
 def run_grid(grid: GridConfig) -> dict:
-    from train.pipeline import run_pipeline
+    from selfrank.train.pipeline import run_pipeline
 
-    from .config import load_experiment
+    from selfrank.launch.config import load_experiment
 
     root = Path(grid.output_dir) / grid.name
     configs = {}
@@ -363,6 +363,6 @@ def run_grid(grid: GridConfig) -> dict:
 
 
 def load_grid(path: str | os.PathLike) -> GridConfig:
-    from .config import build, load_yaml
+    from selfrank.launch.config import build, load_yaml
 
     return build(GridConfig, load_yaml(path))

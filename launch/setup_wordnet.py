@@ -5,7 +5,7 @@ same WordNet 3.0 database that NLTK ships; NLTK additionally wants a ``lexnames`
 generate from the ``lexnames(5WN)`` man page inside wordnet-base. The result is a folder
 ``<dest>/corpora/wordnet`` to put on ``NLTK_DATA``.
 
-Usage: python -m launch.setup_wordnet DEST   (installs the Debian packages if missing and root)
+Usage: python -m selfrank.launch.setup_wordnet DEST   (installs the Debian packages if missing and root)
 """
 from __future__ import annotations
 

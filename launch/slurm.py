@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ranking.atomic import write_text
-from ranking.errors import UserError
+from selfrank.atomic import write_text
+from selfrank.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def render_sbatch(
     from the job id, so two jobs sharing a node do not collide. ``_program`` replaces the arguments
     after ``accelerate launch`` (internal: tests point it at a quick command).
     """
-    from train.config import STAGES
+    from selfrank.train.config import STAGES
 
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise UserError(f"--nodes: must be an integer >= 1, got {nodes!r}")
@@ -182,7 +182,7 @@ def render_sbatch(
     ]
 
     program = (list(_program) if _program is not None
-               else ["-m", "launch.cli", '"$STAGE"', '"$CONFIG"', "--resume"])
+               else ["-m", "selfrank", '"$STAGE"', '"$CONFIG"', "--resume"])
     if _program is not None:
         program = [q(a) for a in program]
     launch = " ".join([
@@ -195,7 +195,7 @@ def render_sbatch(
     # srun starts one task per node; single quotes keep $SLURM_NODEID for each node's own shell.
     # `supervise` stays until every process the launcher started has exited, so a trainer still
     # writing its checkpoint after SIGTERM is not killed with its step.
-    per_node = 'exec "$PYTHON" -m launch.slurm supervise ' + launch
+    per_node = 'exec "$PYTHON" -m selfrank.launch.slurm supervise ' + launch
     body = [
         "",
         "TRAINER_PID=",
@@ -269,7 +269,7 @@ def supervise(argv: Sequence[str]) -> int:
 
 def slurm_command(args) -> int:
     """`selfrank slurm`: write the job script (atomically) and optionally submit it."""
-    from launch.config import load_experiment
+    from selfrank.launch.config import load_experiment
 
     config = load_experiment(args.config)
     run_dir = Path(config.output_dir) / config.name
@@ -320,4 +320,4 @@ def submit(script: str | Path) -> str:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "supervise":
         sys.exit(supervise(sys.argv[2:]))
-    sys.exit("usage: python -m launch.slurm supervise PROGRAM [ARGS...]")
+    sys.exit("usage: python -m selfrank.launch.slurm supervise PROGRAM [ARGS...]")

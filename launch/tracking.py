@@ -19,10 +19,10 @@ import secrets as _random
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from launch.secrets import install_log_redaction, redact
-from ranking.atomic import write_text
-from ranking.errors import UserError
-from train.config import STAGES, ExperimentConfig
+from selfrank.launch.secrets import install_log_redaction, redact
+from selfrank.atomic import write_text
+from selfrank.errors import UserError
+from selfrank.train.config import STAGES, ExperimentConfig
 
 logger = logging.getLogger(__name__)
 

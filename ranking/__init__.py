@@ -3,6 +3,3 @@ with ISODATA, and turn the ranked representatives into (winner, loser) pairs.
 
 Pure CPU; knows nothing of PPO, accelerate or config files.
 """
-from .errors import UserError
-
-__all__ = ["UserError"]

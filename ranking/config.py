@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .validate import check_choice, check_range
+from selfrank.validate import check_choice, check_range
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
@@ -26,7 +26,7 @@ class EmbedderConfig:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
-            from .errors import UserError
+            from selfrank.errors import UserError
             raise UserError("ranking.embedder.name: must be a non-empty string")
         check_range("ranking.embedder.batch_size", self.batch_size, 1)
         check_range("ranking.embedder.lexical_dim", self.lexical_dim, 16)
@@ -118,7 +118,7 @@ class NoiseConfig:
         for name in ("ngram_weight", "negation_weight", "shuffle_weight"):
             check_range(f"ranking.noise.{name}", getattr(self, name), 0.0)
         if self.enabled and self.ngram_weight + self.negation_weight + self.shuffle_weight <= 0:
-            from .errors import UserError
+            from selfrank.errors import UserError
             raise UserError("ranking.noise: at least one of the perturbation weights must be > 0")
 
 

@@ -24,8 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import DEFAULT_EMBEDDER, EmbedderConfig
-from .errors import UserError
+from selfrank.ranking.config import DEFAULT_EMBEDDER, EmbedderConfig
+from selfrank.errors import UserError
 
 log = logging.getLogger(__name__)
 

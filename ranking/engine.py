@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cleanup import drop_incomplete_sentence
-from .config import RankingConfig
-from .isodata import isodata, medoid_indices
-from .noise import perturb
-from .pairs import interval_pairs
-from .textrank import rank_order, textrank_scores
+from selfrank.ranking.cleanup import drop_incomplete_sentence
+from selfrank.ranking.config import RankingConfig
+from selfrank.ranking.isodata import isodata, medoid_indices
+from selfrank.ranking.noise import perturb
+from selfrank.ranking.pairs import interval_pairs
+from selfrank.ranking.textrank import rank_order, textrank_scores
 
 JSON_KEYS = ("id", "prompt", "responses", "scores", "order", "clusters", "representatives", "pairs", "noise")
 

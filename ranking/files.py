@@ -13,10 +13,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .atomic import write_jsonl
-from .config import RankingConfig
-from .errors import UserError
-from .jsonl import read_jsonl
+from selfrank.atomic import write_jsonl
+from selfrank.ranking.config import RankingConfig
+from selfrank.errors import UserError
+from selfrank.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def read_groups(path: str | os.PathLike) -> list[InputGroup]:
 
 
 def _rank_in_process(groups: list[InputGroup], config: RankingConfig, bar) -> list[dict]:
-    from .ranker import Ranker
+    from selfrank.ranking.ranker import Ranker
 
     ranker = Ranker(config)
     out = []
@@ -80,7 +80,7 @@ def _rank_in_process(groups: list[InputGroup], config: RankingConfig, bar) -> li
 
 
 def _rank_in_pool(groups: list[InputGroup], config: RankingConfig, workers: int, bar) -> list[dict]:
-    from .pool import RankingPool
+    from selfrank.ranking.pool import RankingPool
 
     lines = {g.id: g.line for g in groups}
     by_id: dict[str, dict] = {}

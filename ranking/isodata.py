@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import IsodataConfig
+from selfrank.ranking.config import IsodataConfig
 
 
 def _sq_dists(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:

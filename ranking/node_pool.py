@@ -31,9 +31,9 @@ import time
 from multiprocessing.connection import Client, Listener
 from typing import Iterator
 
-from .config import RankingConfig
-from .errors import UserError
-from .pool import PoolError, PoolResult, RankingPool, wait_for_room, wait_while
+from selfrank.ranking.config import RankingConfig
+from selfrank.errors import UserError
+from selfrank.ranking.pool import PoolError, PoolResult, RankingPool, wait_for_room, wait_while
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from .config import NoiseConfig
+from selfrank.ranking.config import NoiseConfig
 
 NGRAM_KINDS = ("ngram_delete", "ngram_replace", "ngram_insert")
 KINDS = NGRAM_KINDS + ("negation", "shuffle")

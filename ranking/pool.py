@@ -42,11 +42,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from .config import RankingConfig
-from .errors import UserError
+from selfrank.ranking.config import RankingConfig
+from selfrank.errors import UserError
 
 if TYPE_CHECKING:
-    from .engine import RankedGroup
+    from selfrank.ranking.engine import RankedGroup
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _describe(exc: BaseException) -> str:
 
 def _rank_batch(ranker, tasks: list) -> list:
     """``[(seq, ranked | None, error | None)]``; a bad group fails alone, never its batch."""
-    from .ranker import check_group
+    from selfrank.ranking.ranker import check_group
 
     out: dict[int, tuple] = {}
     good = []
@@ -141,8 +141,8 @@ def _worker_main(conn, config: RankingConfig, seed: int) -> None:
     # Ctrl-C reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        from .embed import LEXICAL
-        from .ranker import Ranker
+        from selfrank.ranking.embed import LEXICAL
+        from selfrank.ranking.ranker import Ranker
 
         if config.embedder.name != LEXICAL:
             import torch

@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import RankingConfig
-from .embed import Embedder, make_embedder
-from .engine import RankedGroup, prepare_responses, rank_group
+from selfrank.ranking.config import RankingConfig
+from selfrank.ranking.embed import Embedder, make_embedder
+from selfrank.ranking.engine import RankedGroup, prepare_responses, rank_group
 
 
 _BLAS_CONTROLLER = None

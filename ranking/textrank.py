@@ -12,7 +12,7 @@ import logging
 import networkx as nx
 import numpy as np
 
-from .config import TextRankConfig
+from selfrank.ranking.config import TextRankConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ranking.atomic import naming_disk_full
-from ranking.errors import UserError
+from selfrank.atomic import naming_disk_full
+from selfrank.errors import UserError
 
 CHECKSUMS = "checksums.json"
 

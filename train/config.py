@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ranking.config import RankingConfig
-from ranking.errors import UserError
-from ranking.validate import check_choice, check_range
+from selfrank.ranking.config import RankingConfig
+from selfrank.errors import UserError
+from selfrank.validate import check_choice, check_range
 
 TASK_KINDS = ("synthetic", "qa", "dialogue")
 SFT_METHODS = ("full", "lora", "bitfit", "adapter", "none")

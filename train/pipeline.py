@@ -4,7 +4,7 @@ Each stage writes ``runs/<name>/<stage>/`` and a ``DONE.json`` summary when comp
 are skipped (``force`` redoes them), ``resume`` continues a stage from its last checkpoint. The reward
 and PPO stages train one model per STR variant (``reward/<variant>/``, ``ppo/<variant>/``).
 
-Under ``accelerate launch`` (``accelerate launch -m launch.cli run CONFIG``) every process runs this
+Under ``accelerate launch`` (``accelerate launch -m selfrank run CONFIG``) every process runs this
 function. The sft, reward and ppo stages are collective (sharded global batches, see ``train.distributed``);
 the sample and eval stages deal their generation batches round-robin to the processes (seeded per
 batch, so the outputs do not depend on the number of processes), rank through one ranking pool per
@@ -29,15 +29,15 @@ from typing import Any, Callable
 
 import yaml
 
-from ranking.atomic import write_text
-from ranking.errors import UserError
+from selfrank.atomic import write_text
+from selfrank.errors import UserError
 
-from . import distributed as dist
-from .config import STAGES, ExperimentConfig
-from .rundir import RunDir
-from .seeding import seed_everything
-from .stage_dist import stage_cost
-from .signals import stop_if_requested
+from selfrank.train import dist
+from selfrank.train.config import STAGES, ExperimentConfig
+from selfrank.train.rundir import RunDir
+from selfrank.train.seeding import seed_everything
+from selfrank.train.dist.stage_setup import stage_cost
+from selfrank.train.signals import stop_if_requested
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,14 @@ VARIANT_SETTINGS = {
 
 def _stage_sft(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks,
                barrier: "_Barrier") -> dict | None:
-    from .sft import run as run_sft
+    from selfrank.train.stages.sft import run as run_sft
 
     return run_sft(config, run, resume, log_step=hooks.stage_log("sft"))
 
 
 def _stage_sample(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks,
                   barrier: "_Barrier") -> dict | None:
-    from .sample import run as run_sample
+    from selfrank.train.stages.sample import run as run_sample
 
     summary = run_sample(config, run, resume, barrier=barrier)
     if summary is None:  # another process; the main one writes the outputs and logs
@@ -153,7 +153,7 @@ def _per_variant(config: ExperimentConfig, run: RunDir, name: str, train_one: Ca
 
 def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks,
                   barrier: "_Barrier") -> dict | None:
-    from .reward import train_reward
+    from selfrank.train.stages.reward import train_reward
 
     sample = run.require("sample")
     sft_model = run.require("sft") / "model"
@@ -173,9 +173,9 @@ def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Ho
 
 def _stage_ppo(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks,
                barrier: "_Barrier") -> dict | None:
-    from .data import load_task
-    from .ppo import train_ppo
-    from .ranking_service import ranking_pool
+    from selfrank.train.data.tasks import load_task
+    from selfrank.train.stages.ppo import train_ppo
+    from selfrank.train.dist.ranking_service import ranking_pool
 
     sft_model = run.require("sft") / "model"
     prompts = [ex.prompt for ex in load_task(config.task).train]
@@ -206,8 +206,8 @@ def eval_rows(config: ExperimentConfig, run: RunDir) -> list[tuple[str, Path]]:
 
 def _stage_eval(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks,
                 barrier: "_Barrier") -> dict | None:
-    from .data import load_task
-    from .evaluate import evaluate_rows
+    from selfrank.train.data.tasks import load_task
+    from selfrank.train.evaluation.evaluate import evaluate_rows
 
     run.require("sft")
     examples = load_task(config.task).test
@@ -263,7 +263,7 @@ def settings_digest(config: ExperimentConfig, stage: str) -> str:
     is redone instead of being silently reused."""
     import hashlib
 
-    from .sample import ranking_config_for
+    from selfrank.train.stages.sample import ranking_config_for
 
     relevant = {name: getattr(config, name) for name in STAGE_SETTINGS[stage]}
     if "ranking" in relevant:
@@ -286,7 +286,7 @@ def check_order(config: ExperimentConfig, stages: list[str]) -> None:
 
 def _whole(fn):
     """Run an inference stage with whole model weights on every process (ZeRO-3 would partition them)."""
-    from . import distributed as dist
+    from selfrank.train import dist
 
     with dist.whole_weights(dist.get_accelerator()):
         return fn()

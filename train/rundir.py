@@ -10,8 +10,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ranking.atomic import write_json
-from ranking.errors import UserError
+from selfrank.atomic import write_json
+from selfrank.errors import UserError
 
 DONE = "DONE.json"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import main
+from selfrank.launch.cli import main
 
 # (case id, YAML text, a fragment the one-line error must contain)
 CONFIG_CASES = [

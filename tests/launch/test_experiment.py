@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from launch.experiment import AgreementSweepConfig, GridConfig, run_grid
+from selfrank.launch.experiment import AgreementSweepConfig, GridConfig, run_grid
 
 
 def test_grid_smoke_on_real_squad(tmp_path, repo_root, shared_data, monkeypatch):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from launch.secrets import (MASK, RedactingFilter, env_secrets, install_log_redaction, is_secret_variable,
+from selfrank.launch.secrets import (MASK, RedactingFilter, env_secrets, install_log_redaction, is_secret_variable,
                             is_sensitive_key, redact, redact_text)
-from train.config import ExperimentConfig
+from selfrank.train.config import ExperimentConfig
 
 SECRET = "s3cr3t-Value-0123456789abcdef"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import main as cli_main
-from launch.slurm import render_sbatch
-from ranking.errors import UserError
+from selfrank.launch.cli import main as cli_main
+from selfrank.launch.slurm import render_sbatch
+from selfrank.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,7 +72,7 @@ def test_multinode_gpu_script_structure(tmp_path):
     assert "trap on_preempt USR1 TERM" in lines and '    scontrol requeue "$SLURM_JOB_ID"' in lines
 
     argv = _per_node_argv(script)
-    assert argv[:5] == ["exec", "$PYTHON", "-m", "launch.slurm", "supervise"]
+    assert argv[:5] == ["exec", "$PYTHON", "-m", "selfrank.launch.slurm", "supervise"]
     assert argv[5:8] == ["$PYTHON", "-m", "accelerate.commands.launch"]
     assert _after(argv, "--num_machines") == "$SLURM_NNODES"
     assert _after(argv, "--machine_rank") == "$SLURM_NODEID"
@@ -82,7 +82,7 @@ def test_multinode_gpu_script_structure(tmp_path):
     assert "--use_deepspeed" in argv and _after(argv, "--deepspeed_config_file") == "$DEEPSPEED_CONFIG"
     assert _after(argv, "--deepspeed_multinode_launcher") == "standard"
     assert "--multi_gpu" not in argv  # DeepSpeed brings its own distributed set-up
-    assert argv[-5:] == ["-m", "launch.cli", "$STAGE", "$CONFIG", "--resume"]
+    assert argv[-5:] == ["-m", "selfrank", "$STAGE", "$CONFIG", "--resume"]
     # The per-node command is single-quoted in the batch shell, so $SLURM_NODEID is each node's own.
     (srun,) = [line for line in lines if line.startswith("srun ")]
     assert "'exec \"$PYTHON\"" in srun and '--machine_rank "$SLURM_NODEID"' in srun
@@ -212,7 +212,7 @@ def test_supervise_waits_for_orphaned_trainers(tmp_path):
     start = time.monotonic()
     # As the job script runs it, in a process of its own (a subreaper waits for all its descendants:
     # inside pytest that would include every helper process earlier tests left running).
-    done = subprocess.run([sys.executable, "-m", "launch.slurm", "supervise", sys.executable, str(launcher)],
+    done = subprocess.run([sys.executable, "-m", "selfrank.launch.slurm", "supervise", sys.executable, str(launcher)],
                           cwd=REPO, timeout=120)
     assert done.returncode == 3
     assert marker.read_text() == "ok" and time.monotonic() - start >= 1.0

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.local_slurm import LocalSlurm, missing_requirements
-from launch.slurm import render_sbatch
+from selfrank.launch.local_slurm import LocalSlurm, missing_requirements
+from selfrank.launch.slurm import render_sbatch
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def test_rank_job_runs_to_completion(cluster, tmp_path):
     source = tmp_path / "groups.jsonl"
     source.write_text("".join(json.dumps(g) + "\n" for g in groups))
     target = tmp_path / "ranked.jsonl"
-    script = _job(tmp_path, ["-m", "launch.cli", "rank", "--input", str(source), "--output", str(target),
+    script = _job(tmp_path, ["-m", "selfrank", "rank", "--input", str(source), "--output", str(target),
                              "--embedder", "lexical"])
 
     job = cluster.submit(script)

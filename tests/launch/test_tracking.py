@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.tracking import ID_FILE, SAMPLE_COLUMNS, Tracker, resolve_mode, sample_rows
-from train.config import ExperimentConfig, TrackingConfig
+from selfrank.launch.tracking import ID_FILE, SAMPLE_COLUMNS, Tracker, resolve_mode, sample_rows
+from selfrank.train.config import ExperimentConfig, TrackingConfig
 
 SECRET = "fakeKey-0123456789abcdef0123456789abcdef"
 _BLOCK = 32768

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ranking.cleanup import drop_incomplete_sentence
+from selfrank.ranking.cleanup import drop_incomplete_sentence
 
 
 @pytest.mark.parametrize(

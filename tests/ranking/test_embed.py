@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from ranking.config import EmbedderConfig
-from ranking.embed import LexicalEmbedder, SbertEmbedder, make_embedder, resolve_model_path
-from ranking.errors import UserError
+from selfrank.ranking.config import EmbedderConfig
+from selfrank.ranking.embed import LexicalEmbedder, SbertEmbedder, make_embedder, resolve_model_path
+from selfrank.errors import UserError
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -60,7 +60,7 @@ def test_lexical_overlap_means_similarity():
 def test_lexical_is_identical_across_processes():
     # Python's hash() is salted per process; the features must not be.
     code = (
-        "import json,sys; from ranking.embed import LexicalEmbedder; "
+        "import json,sys; from selfrank.ranking.embed import LexicalEmbedder; "
         "print(json.dumps(LexicalEmbedder(256).encode(json.loads(sys.argv[1])).tolist()))"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345")

@@ -10,9 +10,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ranking.config import IsodataConfig, NoiseConfig, PairConfig, RankingConfig
-from ranking.engine import JSON_KEYS, RankedGroup, prepare_responses, rank_group
-from ranking.isodata import medoid_indices
+from selfrank.ranking.config import IsodataConfig, NoiseConfig, PairConfig, RankingConfig
+from selfrank.ranking.engine import JSON_KEYS, RankedGroup, prepare_responses, rank_group
+from selfrank.ranking.isodata import medoid_indices
 
 
 def unit(x):
@@ -146,8 +146,8 @@ def test_noise_applies_to_losers_and_is_seeded():
 def test_noise_does_not_depend_on_the_process_hash_seed(repo_root):
     code = (
         "import json, numpy as np\n"
-        "from ranking.config import RankingConfig, NoiseConfig, PairConfig\n"
-        "from ranking.engine import rank_group\n"
+        "from selfrank.ranking.config import RankingConfig, NoiseConfig, PairConfig\n"
+        "from selfrank.ranking.engine import rank_group\n"
         f"emb = np.array({EMB.tolist()!r}, dtype=np.float32)\n"
         f"g = rank_group('grp-7', 'p', {TEXTS!r}, emb, RankingConfig(noise=NoiseConfig(enabled=True, "
         "probability=0.6), pairs=PairConfig(all_cross_cluster=True)), seed=5)\n"

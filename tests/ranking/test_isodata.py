@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from ranking.config import IsodataConfig
-from ranking.isodata import isodata, medoid_indices
+from selfrank.ranking.config import IsodataConfig
+from selfrank.ranking.isodata import isodata, medoid_indices
 
 
 def blobs(k: int, per: int, d: int = 16, sigma: float = 0.03, seed: int = 0):

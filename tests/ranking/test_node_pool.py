@@ -11,9 +11,9 @@ from multiprocessing.connection import AuthenticationError, Client
 
 import pytest
 
-from ranking.node_pool import NodePoolClient, NodePoolServer
-from ranking.pool import PoolError
-from ranking.ranker import Ranker
+from selfrank.ranking.node_pool import NodePoolClient, NodePoolServer
+from selfrank.ranking.pool import PoolError
+from selfrank.ranking.ranker import Ranker
 from tests.ranking.test_pool import LEXICAL, make_groups
 
 

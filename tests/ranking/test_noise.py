@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ranking.config import NoiseConfig
-from ranking.noise import KINDS, apply_kind, perturb
+from selfrank.ranking.config import NoiseConfig
+from selfrank.ranking.noise import KINDS, apply_kind, perturb
 
 TEXT = "The river is wide. Boats never cross it at night. People can swim in summer."
 

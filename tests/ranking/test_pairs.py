@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ranking.pairs import interval_length, interval_pairs
+from selfrank.ranking.pairs import interval_length, interval_pairs
 
 
 def test_interval_rule_holds_over_many_random_cases():

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from ranking.config import EmbedderConfig, RankingConfig
-from ranking.pool import RankingPool
-from ranking.ranker import Ranker
+from selfrank.ranking.config import EmbedderConfig, RankingConfig
+from selfrank.ranking.pool import RankingPool
+from selfrank.ranking.ranker import Ranker
 
 LEXICAL = RankingConfig(embedder=EmbedderConfig(name="lexical", lexical_dim=256))
 WORDS = ("red blue green small large quick slow happy sad bright dark river mountain city road "

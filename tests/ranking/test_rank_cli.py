@@ -1,4 +1,4 @@
-"""`selfrank rank` end to end: in process through launch.cli.main and as a real subprocess."""
+"""`selfrank rank` end to end: in process through selfrank.launch.cli.main and as a real subprocess."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from launch.cli import main
-from ranking.engine import JSON_KEYS
+from selfrank.launch.cli import main
+from selfrank.ranking.engine import JSON_KEYS
 
 ROWS = [
     {"id": "first", "prompt": "Where is the station?", "responses": [

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ranking.config import EmbedderConfig, RankingConfig
-from ranking.embed import LexicalEmbedder, SbertEmbedder, make_embedder
-from ranking.engine import rank_group
-from ranking.ranker import Ranker
+from selfrank.ranking.config import EmbedderConfig, RankingConfig
+from selfrank.ranking.embed import LexicalEmbedder, SbertEmbedder, make_embedder
+from selfrank.ranking.engine import rank_group
+from selfrank.ranking.ranker import Ranker
 
 GROUPS = [
     {"id": "a", "prompt": "Where is the bank?", "responses": [

@@ -11,8 +11,8 @@ import random
 
 import pytest
 
-from ranking.config import EmbedderConfig, RankingConfig
-from ranking.ranker import Ranker
+from selfrank.ranking.config import EmbedderConfig, RankingConfig
+from selfrank.ranking.ranker import Ranker
 
 K = 6
 N_GROUPS = 60

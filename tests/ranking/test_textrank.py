@@ -6,8 +6,8 @@ import logging
 import numpy as np
 import pytest
 
-from ranking.config import TextRankConfig
-from ranking.textrank import pagerank, rank_order, similarity_matrix, textrank_scores
+from selfrank.ranking.config import TextRankConfig
+from selfrank.ranking.textrank import pagerank, rank_order, similarity_matrix, textrank_scores
 
 
 def oracle_pagerank(w: np.ndarray, d: float = 0.85, iters: int = 100_000, tol: float = 1e-15) -> np.ndarray:
@@ -142,7 +142,7 @@ def test_non_convergence_falls_back_to_last_iterate(caplog):
     rng = np.random.default_rng(5)
     w = rng.random((6, 6))
     w = np.triu(w, 1) + np.triu(w, 1).T
-    with caplog.at_level(logging.WARNING, logger="ranking.textrank"):
+    with caplog.at_level(logging.WARNING, logger="selfrank.ranking.textrank"):
         got = pagerank(w, damping=0.85, max_iter=2, tol=1e-15)
     assert "did not converge" in caplog.text
     want = oracle_pagerank(w, iters=2, tol=0.0)
@@ -150,7 +150,7 @@ def test_non_convergence_falls_back_to_last_iterate(caplog):
     # Also with an isolated (dangling) node, whose score mass must be spread uniformly.
     w[:, 2] = 0.0
     w[2, :] = 0.0
-    with caplog.at_level(logging.WARNING, logger="ranking.textrank"):
+    with caplog.at_level(logging.WARNING, logger="selfrank.ranking.textrank"):
         got = pagerank(w, damping=0.85, max_iter=3, tol=1e-15)
     np.testing.assert_allclose(got, oracle_pagerank(w, iters=3, tol=0.0), atol=1e-12)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import FAKE_SECRETS, run, write_config
+from tests.reliability.helpers import FAKE_SECRETS, run, write_config
 
 
 @pytest.fixture(scope="session")

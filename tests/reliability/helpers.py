@@ -14,12 +14,12 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
-from ranking.config import EmbedderConfig, RankingConfig
-from train.config import PPOConfig, RewardConfig, SampleConfig, SFTConfig, TrackingConfig
+from selfrank.ranking.config import EmbedderConfig, RankingConfig
+from selfrank.train.config import PPOConfig, RewardConfig, SampleConfig, SFTConfig, TrackingConfig
 from tests.train.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
-SELFRANK = [sys.executable, "-c", "import sys; from launch.cli import main; sys.exit(main())"]
+SELFRANK = [sys.executable, "-c", "import sys; from selfrank.launch.cli import main; sys.exit(main())"]
 FAKE_SECRETS = {"WANDB_API_KEY": "wandbfake" + "0" * 31, "HF_TOKEN": "hf_fakeTOKENfakeTOKENfakeTOKEN1234"}
 
 

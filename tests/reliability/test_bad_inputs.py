@@ -10,11 +10,11 @@ import signal
 
 import pytest
 
-from launch.cli import main
-from train.config import ModelConfig
-from train.models import load_causal_lm, save_model
+from selfrank.launch.cli import main
+from selfrank.train.config import ModelConfig
+from selfrank.train.models.causal_lm import load_causal_lm, save_model
 
-from .helpers import error_lines, run, write_config
+from tests.reliability.helpers import error_lines, run, write_config
 
 GOOD_DIALOGUE = {"context": ["hello there", "hi"], "response": "how are you"}
 GOOD_QA = {"id": "q1", "title": "T", "context": "The cat sat.", "question": "Who sat?", "answers": ["the cat"]}

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from selfrank.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 
 KILLS = 30
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import assert_same_weights, kill, report_numbers, run, start, wait_for, write_config
+from tests.reliability.helpers import assert_same_weights, kill, report_numbers, run, start, wait_for, write_config
 
 STAGES = ("sft", "sample", "reward", "ppo", "eval")
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ranking.pool import RankingPool
+from selfrank.ranking.pool import RankingPool
 from tests.ranking.test_pool import LEXICAL, make_groups
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpoint import find_checkpoint, verify_checkpoint
-from train.signals import EXIT_CODE
+from selfrank.train.checkpoint import find_checkpoint, verify_checkpoint
+from selfrank.train.signals import EXIT_CODE
 
-from .helpers import assert_same_weights, error_lines, kill, run, start, wait_for, write_config
+from tests.reliability.helpers import assert_same_weights, error_lines, kill, run, start, wait_for, write_config
 
 FILE_LIMIT = 60_000  # bytes: below the tiny model's weights, above every JSON file the stages write
 

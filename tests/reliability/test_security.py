@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ranking.errors import UserError
-from train.rundir import RunDir
+from selfrank.errors import UserError
+from selfrank.train.rundir import RunDir
 
-from .helpers import FAKE_SECRETS, REPO
+from tests.reliability.helpers import FAKE_SECRETS, REPO
 
 CODE_DIRS = ("ranking", "train", "launch", "bench", "tests", "scripts")
 FORBIDDEN = {

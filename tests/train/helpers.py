@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ranking.config import EmbedderConfig, RankingConfig
-from train.config import (EvalConfig, ExperimentConfig, ModelConfig, PPOConfig, RewardConfig, SampleConfig,
+from selfrank.ranking.config import EmbedderConfig, RankingConfig
+from selfrank.train.config import (EvalConfig, ExperimentConfig, ModelConfig, PPOConfig, RewardConfig, SampleConfig,
                           SFTConfig, SyntheticTaskConfig, TaskConfig, TinyModelConfig)
-from train.data import prompt_markers
-from train.models import build_tiny_model, save_model, train_bpe_tokenizer
-from train.synthetic import make_task
+from selfrank.train.data.tasks import prompt_markers
+from selfrank.train.models.causal_lm import build_tiny_model, save_model, train_bpe_tokenizer
+from selfrank.train.data.synthetic import make_task
 
 TINY_MODEL = TinyModelConfig(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=400)
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from train.agreement import (AgreementGroup, agreement_study, chance_of_match, exact_order_match, has_ties,
+from selfrank.train.evaluation.agreement import (AgreementGroup, agreement_study, chance_of_match, exact_order_match, has_ties,
                              kendall_tau)
 
 
@@ -111,7 +111,7 @@ def test_agreement_study_mixed_results_and_errors():
 
 
 def test_pick_scores_hand_case():
-    from train.agreement_sweep import pick_scores
+    from selfrank.train.evaluation.agreement_sweep import pick_scores
 
     # Group 1: the ranker's top answer (index 1) is the best by the reference.
     # Group 2: the ranker's top answer (index 0) has reference 0.1; the best (0.5) is tied by two answers.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from selfrank.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 
 
 def _model_and_opt(seed: int):

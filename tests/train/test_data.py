@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from ranking.errors import UserError
-from train.config import PromptFormat, TaskConfig
-from train.data import cap, load_task
+from selfrank.errors import UserError
+from selfrank.train.config import PromptFormat, TaskConfig
+from selfrank.train.data.tasks import cap, load_task
 
 
 def _groups(examples):

@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ranking.errors import UserError
-from train import distributed as dist
-from train.models import load_model
-from train.value_model import ValueModel
+from selfrank.errors import UserError
+from selfrank.train import dist
+from selfrank.train.models.causal_lm import load_model
+from selfrank.train.models.value_model import ValueModel
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "dist_scripts" / "tiny_train.py"
@@ -170,7 +170,7 @@ def test_zero3_saved_folder_loads_in_one_process(runs):
     assert any((folder / "model").glob("*.safetensors"))
     model.eval()
     from tests.train.dist_scripts.tiny_train import PROMPTS, probe_inputs
-    from train.generation import generate
+    from selfrank.train.sampling.generation import generate
 
     ids, mask = probe_inputs(tokenizer)
     with torch.no_grad():
@@ -237,7 +237,7 @@ def test_frozen_zero3_config_drops_training_parts():
 
 def test_single_process_layer(tmp_path):
     from tests.train.helpers import tiny_policy
-    from train.models import save_model
+    from selfrank.train.models.causal_lm import save_model
 
     acc = dist.get_accelerator()
     assert dist.get_accelerator() is acc and acc.num_processes == 1

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from ranking.errors import UserError
-from train import metrics
-from train.config import EvalConfig, TaskConfig
-from train.data import Example
-from train.evaluate import evaluate_rows, example_references
-from train.reward_model import RewardModel
+from selfrank.errors import UserError
+from selfrank.train.evaluation import metrics
+from selfrank.train.config import EvalConfig, TaskConfig
+from selfrank.train.data.tasks import Example
+from selfrank.train.evaluation.evaluate import evaluate_rows, example_references
+from selfrank.train.models.reward_model import RewardModel
 
-from .helpers import tiny_config, tiny_policy
+from tests.train.helpers import tiny_config, tiny_policy
 
 
 def _policy_folder(root, config, seed):

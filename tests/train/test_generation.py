@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from train.generation import generate, response_mask_after_eos
-from train.models import encode_prompt_response
+from selfrank.train.sampling.generation import generate, response_mask_after_eos
+from selfrank.train.models.causal_lm import encode_prompt_response
 
-from .helpers import tiny_policy
+from tests.train.helpers import tiny_policy
 
 PROMPTS = ["<c> tom lives in rome . <q> what pet does tom have ? <a>", "<c> ann likes red . <q> where does ann live ? <a>",
            "<c> sam has 3 eggs . sam gets 4 more eggs . <q> how many eggs does sam have ? <a>"]

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from train import metrics
+from selfrank.train.evaluation import metrics
 
 REF1 = "It is a guide to action that ensures that the military will forever heed Party commands"
 REF2 = ("It is the guiding principle which guarantees the military forces always being under the command of "
@@ -63,7 +63,7 @@ def test_meteor_uses_wordnet_synonyms():
 
 
 def test_meteor_fails_loudly_without_wordnet(tmp_path):
-    code = ("from train.metrics import meteor\n"
+    code = ("from selfrank.train.evaluation.metrics import meteor\n"
             "print(meteor('a dog barked', ['the hound barked']))\n")
     env = dict(os.environ, NLTK_DATA=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,

@@ -7,12 +7,12 @@ import time
 import pytest
 import torch
 
-from ranking.errors import UserError
-from train.config import ModelConfig
-from train.models import (EOS_TOKEN, PAD_TOKEN, encode_prompt_response, init_policy, load_causal_lm, load_model,
+from selfrank.errors import UserError
+from selfrank.train.config import ModelConfig
+from selfrank.train.models.causal_lm import (EOS_TOKEN, PAD_TOKEN, encode_prompt_response, init_policy, load_causal_lm, load_model,
                           save_model)
 
-from .helpers import TINY_MODEL, tiny_config, tiny_policy, tiny_texts, tiny_tokenizer
+from tests.train.helpers import TINY_MODEL, tiny_config, tiny_policy, tiny_texts, tiny_tokenizer
 
 
 def test_tokenizer_round_trip_and_distinct_specials():

@@ -5,9 +5,9 @@ import dataclasses
 import json
 
 from tests.train.helpers import tiny_config
-from train.config import SFTConfig
-from train.pipeline import eval_rows, run_pipeline
-from train.rundir import RunDir
+from selfrank.train.config import SFTConfig
+from selfrank.train.pipeline import eval_rows, run_pipeline
+from selfrank.train.rundir import RunDir
 
 
 def test_full_pipeline_writes_every_stage_and_skips_complete_ones(tmp_path, capsys):

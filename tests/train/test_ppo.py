@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 
-from train.config import ExperimentConfig, PPOConfig, TinyModelConfig
-from train.generation import generate
-from train.models import build_tiny_model, load_model, save_model, train_bpe_tokenizer
-from train.distributed import PolicyAndValue
-import train.ppo as ppo_module
-from train.ppo import NonFiniteError, collect_rollout, row_seeds, train_ppo
-from train.reward import pairwise_loss
-from train.reward_model import RewardModel, encode_pairs, pad_batch
-from train.value_model import ValueModel
+from selfrank.train.config import ExperimentConfig, PPOConfig, TinyModelConfig
+from selfrank.train.sampling.generation import generate
+from selfrank.train.models.causal_lm import build_tiny_model, load_model, save_model, train_bpe_tokenizer
+from selfrank.train.dist import PolicyAndValue
+import selfrank.train.stages.ppo as ppo_module
+from selfrank.train.stages.ppo import NonFiniteError, collect_rollout, row_seeds, train_ppo
+from selfrank.train.stages.reward import pairwise_loss
+from selfrank.train.models.reward_model import RewardModel, encode_pairs, pad_batch
+from selfrank.train.models.value_model import ValueModel
 
 WORDS = "red blue green cat dog sun moon tree river stone bird fish".split()
 GOOD = "yes"  # the reward model is trained to like answers full of this word
@@ -162,7 +162,7 @@ def test_auto_rollout_logprobs_recompute_under_autocast_or_half_weights(world):
     weights and no autocast. (The accelerator stand-in carries the one attribute that is read.)"""
     from types import SimpleNamespace
 
-    from train.ppo import logprobs_at_sampling
+    from selfrank.train.stages.ppo import logprobs_at_sampling
 
     actor, _ = load_model(world["sft"])
     model = PolicyAndValue(actor, ValueModel.from_reward_model(RewardModel.from_pretrained(world["rm"])))
@@ -197,7 +197,7 @@ def test_row_seeded_sampling_does_not_depend_on_the_batch(world):
 def test_row_seeded_sampler_draws_from_the_tempered_nucleus():
     """Per-row streams, the frequencies of softmax(logits / T) cut to the top-p nucleus, and greedy
     generate() taking exactly the one token the sampler leaves."""
-    from train.ppo import RowSeededSampler
+    from selfrank.train.stages.ppo import RowSeededSampler
 
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
     rows = 4000
@@ -219,7 +219,7 @@ def test_row_seeded_sampler_draws_from_the_tempered_nucleus():
 def test_row_seeded_sampler_uses_each_rows_stream_in_order_across_blocks():
     """Step t of row i uses the t-th uniform of generator seeds[i], also past a block of pre-drawn
     uniforms, and the recorded log-prob is that of the picked token under softmax(logits / T)."""
-    from train.ppo import RowSeededSampler
+    from selfrank.train.stages.ppo import RowSeededSampler
 
     seeds, steps, vocab = [3, 8], RowSeededSampler.BLOCK + 9, 50
     logits = torch.randn(steps, 2, vocab, generator=torch.Generator().manual_seed(0))
@@ -346,8 +346,8 @@ def test_missing_eos_penalty_is_applied(world, tmp_path):
 
 
 def _lexical_pool():
-    from ranking.config import RankingConfig
-    from ranking.pool import RankingPool
+    from selfrank.ranking.config import RankingConfig
+    from selfrank.ranking.pool import RankingPool
 
     config = RankingConfig()
     config.embedder.name = "lexical"
@@ -357,7 +357,7 @@ def _lexical_pool():
 
 
 def test_online_refresh_trains_the_rm_on_fresh_ranked_pairs_only(world):
-    from train.ppo import OnlineRewardRefresher
+    from selfrank.train.stages.ppo import OnlineRewardRefresher
 
     rm = RewardModel.from_pretrained(world["rm"])
     config = tiny_config(online_rm_every=1, online_rm_max_staleness=1)
@@ -404,7 +404,7 @@ def test_preemption_checkpoints_and_resume_equals_uninterrupted(world, tmp_path,
     import os
     import signal
 
-    from train import signals
+    from selfrank.train import signals
 
     full = tiny_config(steps=3, save_every=10)
     train_ppo(full, PROMPTS, world["sft"], world["rm"], tmp_path / "full")
@@ -457,7 +457,7 @@ def test_lora_policy_trains_adapters_only_against_the_adapter_free_reference(wor
 
 
 def test_adapter_disabled_view_computes_the_base_model(world):
-    from train.peft_methods import AdapterDisabled, with_lora
+    from selfrank.train.models.peft_methods import AdapterDisabled, with_lora
 
     base, tokenizer = load_model(world["sft"])
     wrapped = with_lora(load_model(world["sft"])[0], r=4, alpha=8, field="ppo.policy")

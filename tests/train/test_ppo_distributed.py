@@ -22,9 +22,9 @@ import torch
 
 from tests.train.test_distributed import ACCELERATE, DS_CONFIG, finish, free_port, start, worker_env
 from tests.train.test_ppo import PROMPTS, build_world
-from train.models import load_model
-from train.reward_model import encode_pairs, pad_batch
-from train.value_model import ValueModel
+from selfrank.train.models.causal_lm import load_model
+from selfrank.train.models.reward_model import encode_pairs, pad_batch
+from selfrank.train.models.value_model import ValueModel
 
 WORKER = Path(__file__).resolve().parent / "dist_scripts" / "ppo_train.py"
 PPO = dict(steps=3, batch_size=4, samples_per_prompt=2, max_new_tokens=8, ppo_epochs=2, minibatches=2, lr=1e-3,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from train.ppo_math import (
+from selfrank.train.rl.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     apply_missing_eos_penalty,

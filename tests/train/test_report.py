@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from train.report import format_agreement, format_table, write_report
+from selfrank.train.evaluation.report import format_agreement, format_table, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

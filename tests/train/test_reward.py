@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ranking.errors import UserError
-from train.config import RewardConfig
-from train.reward import (
+from selfrank.errors import UserError
+from selfrank.train.config import RewardConfig
+from selfrank.train.stages.reward import (
     PreferencePair,
     fit_normalizer,
     heldout_prompts,
@@ -25,9 +25,9 @@ from train.reward import (
     train_reward,
     training_items,
 )
-from train.reward_model import RewardModel, score
+from selfrank.train.models.reward_model import RewardModel, score
 
-from .helpers import tiny_config, tiny_policy
+from tests.train.helpers import tiny_config, tiny_policy
 
 
 # ---- losses ---------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ranking.errors import UserError
-from train.models import save_model
-from train.reward_model import (
+from selfrank.errors import UserError
+from selfrank.train.models.causal_lm import save_model
+from selfrank.train.models.reward_model import (
     CONFIG_FILE,
     HEAD_FILE,
     RewardModel,
@@ -20,7 +20,7 @@ from train.reward_model import (
     score,
 )
 
-from .helpers import tiny_policy
+from tests.train.helpers import tiny_policy
 
 PROMPTS = ["<q> who has the box ? <a>", "<c> tom has a gray box . ann has a red cup . <q> what does ann have ? <a>",
            "<q> ? <a>", "<q> how many shells does kim have ? <a>"]

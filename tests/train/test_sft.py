@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train import sft
-from train.models import load_model
-from train.rundir import RunDir
-from train.synthetic import make_task
+from selfrank.train.stages import sft
+from selfrank.train.models.causal_lm import load_model
+from selfrank.train.rundir import RunDir
+from selfrank.train.data.synthetic import make_task
 
-from .helpers import tiny_config, tiny_policy
+from tests.train.helpers import tiny_config, tiny_policy
 
 LR = {"full": 3e-3, "lora": 1e-2, "bitfit": 1e-2, "adapter": 3e-2}
 

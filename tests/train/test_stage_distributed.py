@@ -22,10 +22,10 @@ from tests.launch.test_tracking import history, offline_runs, read_records
 from tests.train.helpers import tiny_config, tiny_policy
 from tests.train.test_distributed import ACCELERATE, DS_CONFIG, REPO, finish, free_port, start, worker_env
 from tests.train.test_reward import write_preferences
-from train.config import TrackingConfig
-from train.models import load_model
-from train.pipeline import run_pipeline
-from train.reward_model import RewardModel
+from selfrank.train.config import TrackingConfig
+from selfrank.train.models.causal_lm import load_model
+from selfrank.train.pipeline import run_pipeline
+from selfrank.train.models.reward_model import RewardModel
 
 WORKER = Path(__file__).resolve().parent / "dist_scripts" / "stage_train.py"
 COMMON = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -132,7 +132,7 @@ def test_selfrank_run_under_accelerate_with_two_processes_and_wandb(tmp_path):
     config_path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     # The shipped CPU launcher config (2 processes, gloo), as the docs tell users to run it.
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
-           "--main_process_port", str(free_port()), "-m", "launch.cli", "run", str(config_path)]
+           "--main_process_port", str(free_port()), "-m", "selfrank", "run", str(config_path)]
     env = worker_env(ACCELERATE_USE_CPU="1")
     env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb-dir"), WANDB_DATA_DIR=str(tmp_path / "wandb-data"),
                WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))

@@ -5,12 +5,12 @@ import collections
 import dataclasses
 
 
-from train.config import PromptFormat, SyntheticTaskConfig
-from train.generation import generate
-from train.sft import train_sft
-from train.synthetic import ATTRIBUTES, KINDS, is_correct, make_task, make_world
+from selfrank.train.config import PromptFormat, SyntheticTaskConfig
+from selfrank.train.sampling.generation import generate
+from selfrank.train.stages.sft import train_sft
+from selfrank.train.data.synthetic import ATTRIBUTES, KINDS, is_correct, make_task, make_world
 
-from .helpers import tiny_config, tiny_policy
+from tests.train.helpers import tiny_config, tiny_policy
 
 
 def test_label_noise_only_in_training_targets():

@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import torch  # noqa: E402
 
-from ranking.atomic import write_json  # noqa: E402
-from train import distributed as dist  # noqa: E402
-from train.config import ExperimentConfig, PPOConfig  # noqa: E402
-from train.ppo import train_ppo  # noqa: E402
+from selfrank.atomic import write_json  # noqa: E402
+from selfrank.train import dist as dist  # noqa: E402
+from selfrank.train.config import ExperimentConfig, PPOConfig  # noqa: E402
+from selfrank.train.stages.ppo import train_ppo  # noqa: E402
 
 
 def main() -> None:

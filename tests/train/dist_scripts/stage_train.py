@@ -18,13 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from train import distributed as dist  # noqa: E402
-from train.config import RewardConfig, SFTConfig  # noqa: E402
-from train.models import load_model  # noqa: E402
-from train.reward import train_reward  # noqa: E402
-from train.reward_model import disable_dropout  # noqa: E402
-from train.sft import train_sft  # noqa: E402
-from train.synthetic import make_task  # noqa: E402
+from selfrank.train import dist as dist  # noqa: E402
+from selfrank.train.config import RewardConfig, SFTConfig  # noqa: E402
+from selfrank.train.models.causal_lm import load_model  # noqa: E402
+from selfrank.train.stages.reward import train_reward  # noqa: E402
+from selfrank.train.models.reward_model import disable_dropout  # noqa: E402
+from selfrank.train.stages.sft import train_sft  # noqa: E402
+from selfrank.train.data.synthetic import make_task  # noqa: E402
 
 from tests.train.helpers import tiny_config  # noqa: E402
 

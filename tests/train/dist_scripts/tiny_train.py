@@ -23,11 +23,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from train import distributed as dist  # noqa: E402
-from train.config import TinyModelConfig  # noqa: E402
-from train.generation import generate  # noqa: E402
-from train.models import build_tiny_model, save_model, train_bpe_tokenizer  # noqa: E402
-from train.reward_model import disable_dropout  # noqa: E402
+from selfrank.train import dist as dist  # noqa: E402
+from selfrank.train.config import TinyModelConfig  # noqa: E402
+from selfrank.train.sampling.generation import generate  # noqa: E402
+from selfrank.train.models.causal_lm import build_tiny_model, save_model, train_bpe_tokenizer  # noqa: E402
+from selfrank.train.models.reward_model import disable_dropout  # noqa: E402
 
 TEXTS = [
     "the cat sat on the mat",

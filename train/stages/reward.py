@@ -36,17 +36,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ranking.engine import RankedGroup, stable_seed
-from ranking.errors import UserError
-from ranking.jsonl import read_jsonl
+from selfrank.ranking.engine import RankedGroup, stable_seed
+from selfrank.errors import UserError
+from selfrank.jsonl import read_jsonl
 
-from . import distributed as dist
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .config import ExperimentConfig
-from .models import load_causal_lm
-from .reward_model import RewardModel, encode_pairs, model_device, pad_batch, score
-from .signals import stop_if_requested
-from .stage_dist import begin_training, end_training, stage_cost, uneven_shard
+from selfrank.train import dist
+from selfrank.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from selfrank.train.config import ExperimentConfig
+from selfrank.train.models.causal_lm import load_causal_lm
+from selfrank.train.models.reward_model import RewardModel, encode_pairs, model_device, pad_batch, score
+from selfrank.train.signals import stop_if_requested
+from selfrank.train.dist.stage_setup import begin_training, end_training, stage_cost, uneven_shard
 
 log = logging.getLogger(__name__)
 

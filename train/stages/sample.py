@@ -21,12 +21,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ranking.atomic import write_jsonl
-from ranking.config import RankingConfig
+from selfrank.atomic import write_jsonl
+from selfrank.ranking.config import RankingConfig
 
-from .config import ExperimentConfig
-from .rundir import RunDir
-from .signals import stop_if_requested
+from selfrank.train.config import ExperimentConfig
+from selfrank.train.rundir import RunDir
+from selfrank.train.signals import stop_if_requested
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,13 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, *, barrier=None) ->
     """Sample and rank; collective under a launcher. The summary on the main process, None elsewhere.
 
     ``barrier``: the pipeline's barrier (``wait()`` and a gloo ``group``), needed with several processes."""
-    from ranking.ranker import Ranker
+    from selfrank.ranking.ranker import Ranker
 
-    from . import distributed as dist
-    from .data import load_task
-    from .generation import generate
-    from .models import load_model
-    from .ranking_service import ranking_pool
+    from selfrank.train import dist
+    from selfrank.train.data.tasks import load_task
+    from selfrank.train.sampling.generation import generate
+    from selfrank.train.models.causal_lm import load_model
+    from selfrank.train.dist.ranking_service import ranking_pool
 
     rank = dist.rank()
     wait = barrier.wait if barrier is not None else _noop

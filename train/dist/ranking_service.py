@@ -13,9 +13,9 @@ import secrets
 import tempfile
 from typing import Iterator
 
-from ranking.config import RankingConfig
+from selfrank.ranking.config import RankingConfig
 
-from . import distributed as dist
+from selfrank.train import dist
 
 
 @contextlib.contextmanager
@@ -27,8 +27,8 @@ def ranking_pool(config: RankingConfig, workers: int, *, group=None, wait=None,
     job's); ``wait``: a barrier callable, so that the server outlives every client of its node;
     ``ready``: return only once the workers have loaded their rankers (so that the first groups are
     not held up by start-up)."""
-    from ranking.node_pool import NodePoolClient, NodePoolServer
-    from ranking.pool import RankingPool
+    from selfrank.ranking.node_pool import NodePoolClient, NodePoolServer
+    from selfrank.ranking.pool import RankingPool
 
     if dist.world_size() == 1:
         pool = RankingPool(config, workers=workers, max_pending=max_pending)

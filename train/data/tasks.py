@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ranking.errors import UserError
-from ranking.jsonl import read_jsonl
+from selfrank.errors import UserError
+from selfrank.jsonl import read_jsonl
 
-from .config import PromptFormat, TaskConfig
+from selfrank.train.config import PromptFormat, TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def _load_source(kind: str, source: str, split: str, cfg: TaskConfig) -> list[Ex
 def load_task(cfg: TaskConfig) -> TaskData:
     """Load the task's train/validation/test examples (see the module docstring for the rules)."""
     if cfg.kind == "synthetic":
-        from .synthetic import make_task
+        from selfrank.train.data.synthetic import make_task
 
         data = make_task(cfg.synthetic, cfg.prompt)
     else:

@@ -20,14 +20,14 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ranking.atomic import write_jsonl
-from ranking.errors import UserError
-from ranking.jsonl import read_jsonl
+from selfrank.atomic import write_jsonl
+from selfrank.errors import UserError
+from selfrank.jsonl import read_jsonl
 
-from .agreement import AgreementGroup, agreement_study
-from .config import ExperimentConfig
-from .metrics import EXACT_ANSWER_TASKS, QA_METRICS, TEXT_METRICS, bootstrap_ci, corpus_bleu, meteor, paired_bootstrap_diff, score_examples
-from .report import CURVE_KEYS, write_report
+from selfrank.train.evaluation.agreement import AgreementGroup, agreement_study
+from selfrank.train.config import ExperimentConfig
+from selfrank.train.evaluation.metrics import EXACT_ANSWER_TASKS, QA_METRICS, TEXT_METRICS, bootstrap_ci, corpus_bleu, meteor, paired_bootstrap_diff, score_examples
+from selfrank.train.evaluation.report import CURVE_KEYS, write_report
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,9 @@ def generate_batches(config: ExperimentConfig, folder: Path, prompts: Sequence[s
     Call ``i`` is seeded by ``(seed, i)`` alone, so the answers do not depend on the number of
     processes: under a launcher (``group``: a process group) call ``i`` runs on rank ``i % world``
     and every rank gets all answers back in prompt order. Collective then."""
-    from . import distributed as dist
-    from .generation import generate
-    from .models import load_model
+    from selfrank.train import dist
+    from selfrank.train.sampling.generation import generate
+    from selfrank.train.models.causal_lm import load_model
 
     starts = list(range(0, len(prompts), per_call))
     mine = dist.round_robin(starts) if group is not None else list(enumerate(starts))
@@ -156,10 +156,10 @@ def agreement_groups(config: ExperimentConfig, sft_folder: Path, examples: Seque
     """Sample groups of answers from the SFT model, rank them (TextRank + ISODATA), score them with
     every reward model and with METEOR against the gold references. Under a launcher the sampling is
     shared out (``group``) and the rest runs on the main process (None elsewhere)."""
-    from . import distributed as dist
-    from ranking.ranker import Ranker
+    from selfrank.train import dist
+    from selfrank.ranking.ranker import Ranker
 
-    from .reward_model import RewardModel, score
+    from selfrank.train.models.reward_model import RewardModel, score
 
     ev = config.eval
     picked = study_prompts(config, examples)
@@ -201,7 +201,7 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
     Under a launcher (``group``: the job's process group) every process generates a share of each
     row's answers; the main process scores them and writes the report; the others return None.
     """
-    from . import distributed as dist
+    from selfrank.train import dist
 
     ev = config.eval
     out = Path(out_folder)

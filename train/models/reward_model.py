@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ranking.atomic import write_json
-from ranking.errors import UserError
+from selfrank.atomic import write_json
+from selfrank.errors import UserError
 
-from .models import atomic_folder, encode_prompt_response, load_model
+from selfrank.train.models.causal_lm import atomic_folder, encode_prompt_response, load_model
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"

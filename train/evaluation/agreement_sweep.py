@@ -20,10 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .agreement import AgreementGroup, agreement_study
-from .config import ExperimentConfig
-from .evaluate import TEXTRANK, example_references, sample_groups, study_prompts
-from .metrics import bootstrap_ci, meteor
+from selfrank.train.evaluation.agreement import AgreementGroup, agreement_study
+from selfrank.train.config import ExperimentConfig
+from selfrank.train.evaluation.evaluate import TEXTRANK, example_references, sample_groups, study_prompts
+from selfrank.train.evaluation.metrics import bootstrap_ci, meteor
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def pick_scores(ranked_scores: Sequence[Sequence[float]], ref_scores: Sequence[S
 def agreement_sweep(config: ExperimentConfig, sft_folder: Path, examples: Sequence, task_kind: str, *,
                     sizes: Sequence[int], embedders: Sequence[str]) -> dict:
     """The sweep's cells (see module doc) as ``{"cells": [...], "n_groups": N, ...}``."""
-    from ranking.ranker import Ranker
+    from selfrank.ranking.ranker import Ranker
 
     ev = config.eval
     picked = study_prompts(config, examples)

@@ -62,16 +62,16 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from ranking.atomic import write_jsonl
-from ranking.engine import stable_seed
-from ranking.errors import UserError
+from selfrank.atomic import write_jsonl
+from selfrank.ranking.engine import stable_seed
+from selfrank.errors import UserError
 
-from . import distributed as dist
-from .config import ExperimentConfig, PPOConfig
-from .generation import generate
-from .models import load_model, save_model
-from .peft_methods import AdapterDisabled, with_lora
-from .ppo_math import (
+from selfrank.train import dist
+from selfrank.train.config import ExperimentConfig, PPOConfig
+from selfrank.train.sampling.generation import generate
+from selfrank.train.models.causal_lm import load_model, save_model
+from selfrank.train.models.peft_methods import AdapterDisabled, with_lora
+from selfrank.train.rl.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     apply_missing_eos_penalty,
@@ -84,10 +84,10 @@ from .ppo_math import (
     policy_loss_terms,
     value_loss_terms,
 )
-from .reward_model import RewardModel, atomic_folder, disable_dropout, position_ids_from_mask
-from .stage_dist import begin_training, end_training, stage_cost
-from .signals import stop_if_requested
-from .value_model import ValueModel
+from selfrank.train.models.reward_model import RewardModel, atomic_folder, disable_dropout, position_ids_from_mask
+from selfrank.train.dist.stage_setup import begin_training, end_training, stage_cost
+from selfrank.train.signals import stop_if_requested
+from selfrank.train.models.value_model import ValueModel
 
 log = logging.getLogger(__name__)
 
@@ -557,8 +557,8 @@ class OnlineRewardRefresher:
         Under a launcher (``accelerator`` with several processes) every process ranked its own rollout
         groups: the fresh pairs of all processes are gathered, the main process trains, and the new
         weights are broadcast so that every process scores with the same RM. Collective then."""
-        from .reward import _pairwise_rewards, pairwise_loss
-        from .reward_model import encode_pairs
+        from selfrank.train.stages.reward import _pairwise_rewards, pairwise_loss
+        from selfrank.train.models.reward_model import encode_pairs
 
         keep = [p for p in self.fresh if step - p[0] <= self.max_staleness]
         self.dropped_stale += len(self.fresh) - len(keep)

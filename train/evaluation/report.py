@@ -12,9 +12,9 @@ import io
 import math
 from pathlib import Path
 
-from ranking.atomic import atomic_open, write_json, write_text
+from selfrank.atomic import atomic_open, write_json, write_text
 
-from .metrics import EXACT_ANSWER_TASKS, TEXT_METRICS
+from selfrank.train.evaluation.metrics import EXACT_ANSWER_TASKS, TEXT_METRICS
 
 COLUMN_TITLES = {"bleu4": "BLEU-4", "gleu": "GLEU", "meteor": "METEOR", "em": "EM", "f1": "F1",
                  "precision": "Precision", "recall": "Recall"}

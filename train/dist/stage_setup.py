@@ -14,9 +14,9 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from ranking.errors import UserError
+from selfrank.errors import UserError
 
-from . import distributed as dist
+from selfrank.train import dist
 
 T = TypeVar("T")
 # ``log(metrics, step)``: a stage's per-step metrics, already reduced across ranks.

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ranking.errors import UserError
+from selfrank.errors import UserError
 
-from .reward_model import RewardModel, atomic_folder, disable_dropout, position_ids_from_mask
+from selfrank.train.models.reward_model import RewardModel, atomic_folder, disable_dropout, position_ids_from_mask
 
 HEAD_FILE = "value_head.safetensors"
 

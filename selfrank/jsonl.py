@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from selfrank.errors import UserError
 
 
 def read_jsonl(path: str | os.PathLike, max_line_bytes: int = 16 * 1024 * 1024) -> Iterator[tuple[int, dict]]:

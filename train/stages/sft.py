@@ -35,17 +35,17 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from ranking.atomic import write_json
-from ranking.errors import UserError
+from selfrank.atomic import write_json
+from selfrank.errors import UserError
 
-from . import distributed as dist
-from . import peft_methods
-from .config import ExperimentConfig
-from .data import TaskData, load_task, prompt_markers
-from .models import atomic_folder, encode_prompt_response, init_policy, load_model, save_model
-from .rundir import RunDir
-from .signals import stop_if_requested
-from .stage_dist import begin_training, end_training, micro_batches, stage_cost
+from selfrank.train import dist
+from selfrank.train.models import peft_methods
+from selfrank.train.config import ExperimentConfig
+from selfrank.train.data.tasks import TaskData, load_task, prompt_markers
+from selfrank.train.models.causal_lm import atomic_folder, encode_prompt_response, init_policy, load_model, save_model
+from selfrank.train.rundir import RunDir
+from selfrank.train.signals import stop_if_requested
+from selfrank.train.dist.stage_setup import begin_training, end_training, micro_batches, stage_cost
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ranking.errors import UserError
+from selfrank.errors import UserError
 
 BLEU_WEIGHTS = (0.25, 0.25, 0.25, 0.25)
 TEXT_METRICS = ("bleu4", "gleu", "meteor")
@@ -103,7 +103,7 @@ def require_wordnet():
         raise UserError(
             "METEOR needs WordNet, which NLTK cannot load (searched: "
             + ", ".join(map(str, nltk.data.path))
-            + f"; {first}). Build it with `python -m launch.setup_wordnet DEST` and set NLTK_DATA=DEST"
+            + f"; {first}). Build it with `python -m selfrank.launch.setup_wordnet DEST` and set NLTK_DATA=DEST"
         ) from None
     return reader
 

@@ -1,7 +1,7 @@
 """Small checks used by every typed config's ``__post_init__``; each raises ``UserError``."""
 from __future__ import annotations
 
-from .errors import UserError
+from selfrank.errors import UserError
 
 
 def check_range(name: str, value, low=None, high=None, *, low_open: bool = False, high_open: bool = False) -> None:

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ranking.atomic import write_json
-from ranking.errors import UserError
+from selfrank.atomic import write_json
+from selfrank.errors import UserError
 
-from .config import SFTConfig
+from selfrank.train.config import SFTConfig
 
 ADAPTER_ATTR = "bottleneck_adapter"
 ADAPTER_CONFIG = "adapters.json"

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .metrics import bootstrap_ci
+from selfrank.train.evaluation.metrics import bootstrap_ci
 
 
 @dataclass

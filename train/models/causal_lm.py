@@ -27,10 +27,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from ranking.atomic import naming_disk_full
-from ranking.errors import UserError
+from selfrank.atomic import naming_disk_full
+from selfrank.errors import UserError
 
-from .config import ModelConfig, TinyModelConfig
+from selfrank.train.config import ModelConfig, TinyModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
     model is merged first so that the folder is a plain causal LM; bottleneck adapters are saved beside
     the base weights (see ``train/peft_methods.py``).
     """
-    from . import peft_methods
+    from selfrank.train.models import peft_methods
 
     model = peft_methods.merged(model)
     with atomic_folder(folder) as tmp:
@@ -235,7 +235,7 @@ def atomic_folder(folder: Path):
 
 def load_model(folder: Path, model_cfg: ModelConfig | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a folder written by :func:`save_model` (re-attaching bottleneck adapters if it has any)."""
-    from . import peft_methods
+    from selfrank.train.models import peft_methods
 
     folder = Path(folder)
     if not folder.is_dir():

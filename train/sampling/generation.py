@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ranking.errors import UserError
+from selfrank.errors import UserError
 
-from .models import prompt_token_ids
+from selfrank.train.models.causal_lm import prompt_token_ids
 
 
 @dataclass

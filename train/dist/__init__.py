@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 from torch import nn
 
-from ranking.errors import UserError
+from selfrank.errors import UserError
 
 log = logging.getLogger(__name__)
 
