@@ -6,7 +6,7 @@ from pathlib import Path
 from selfrank.ranking.config import EmbedderConfig, RankingConfig
 from selfrank.train.config import (EvalConfig, ExperimentConfig, ModelConfig, PPOConfig, RewardConfig, SampleConfig,
                           SFTConfig, SyntheticTaskConfig, TaskConfig, TinyModelConfig)
-from selfrank.train.data.tasks import prompt_markers
+from selfrank.train.data.examples import prompt_markers
 from selfrank.train.models.causal_lm import build_tiny_model, save_model, train_bpe_tokenizer
 from selfrank.train.data.synthetic import make_task
 

@@ -23,6 +23,7 @@ from selfrank.errors import UserError
 from selfrank.train import dist
 from selfrank.train.models.causal_lm import load_model
 from selfrank.train.models.value_model import ValueModel
+from selfrank.train.models.policy_value import PolicyAndValue
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "dist_scripts" / "tiny_train.py"
@@ -252,7 +253,7 @@ def test_single_process_layer(tmp_path):
 
     policy, tokenizer = tiny_policy(seed=0)
     value = ValueModel(policy.transformer, nn.Linear(policy.config.n_embd, 1))
-    both = dist.PolicyAndValue(policy, value)
+    both = PolicyAndValue(policy, value)
     ids = torch.tensor([tokenizer("a b c")["input_ids"]])
     logits, values = both(ids, torch.ones_like(ids))
     assert logits.shape == (1, ids.shape[1], policy.config.vocab_size) and values.shape == ids.shape

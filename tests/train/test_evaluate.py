@@ -12,7 +12,7 @@ import torch
 from selfrank.errors import UserError
 from selfrank.train.evaluation import metrics
 from selfrank.train.config import EvalConfig, TaskConfig
-from selfrank.train.data.tasks import Example
+from selfrank.train.data.examples import Example
 from selfrank.train.evaluation.evaluate import evaluate_rows, example_references
 from selfrank.train.models.reward_model import RewardModel
 

@@ -11,10 +11,10 @@ import torch
 from selfrank.train.config import ExperimentConfig, PPOConfig, TinyModelConfig
 from selfrank.train.sampling.generation import generate
 from selfrank.train.models.causal_lm import build_tiny_model, load_model, save_model, train_bpe_tokenizer
-from selfrank.train.dist import PolicyAndValue
+from selfrank.train.models.policy_value import PolicyAndValue
 import selfrank.train.stages.ppo as ppo_module
 from selfrank.train.stages.ppo import NonFiniteError, collect_rollout, row_seeds, train_ppo
-from selfrank.train.stages.reward import pairwise_loss
+from selfrank.train.rl.reward_losses import pairwise_loss
 from selfrank.train.models.reward_model import RewardModel, encode_pairs, pad_batch
 from selfrank.train.models.value_model import ValueModel
 
@@ -357,7 +357,7 @@ def _lexical_pool():
 
 
 def test_online_refresh_trains_the_rm_on_fresh_ranked_pairs_only(world):
-    from selfrank.train.stages.ppo import OnlineRewardRefresher
+    from selfrank.train.rl.online_rm import OnlineRewardRefresher
 
     rm = RewardModel.from_pretrained(world["rm"])
     config = tiny_config(online_rm_every=1, online_rm_max_staleness=1)

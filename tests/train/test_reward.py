@@ -12,19 +12,16 @@ import torch
 
 from selfrank.errors import UserError
 from selfrank.train.config import RewardConfig
-from selfrank.train.stages.reward import (
+from selfrank.train.data.preferences import (
     PreferencePair,
-    fit_normalizer,
     heldout_prompts,
-    listwise_loss,
     load_pairs,
     load_ranked,
-    pairwise_accuracy,
-    pairwise_loss,
     split_pairs,
-    train_reward,
     training_items,
 )
+from selfrank.train.rl.reward_losses import listwise_loss, pairwise_accuracy, pairwise_loss
+from selfrank.train.stages.reward import fit_normalizer, train_reward
 from selfrank.train.models.reward_model import RewardModel, score
 
 from tests.train.helpers import tiny_config, tiny_policy

@@ -14,12 +14,11 @@ from selfrank.train.models.reward_model import (
     HEAD_FILE,
     RewardModel,
     encode_pairs,
-    last_token_index,
     pad_batch,
-    position_ids_from_mask,
     score,
 )
 
+from selfrank.train.models.masks import last_token_index, position_ids_from_mask
 from tests.train.helpers import tiny_policy
 
 PROMPTS = ["<q> who has the box ? <a>", "<c> tom has a gray box . ann has a red cup . <q> what does ann have ? <a>",
@@ -40,6 +39,7 @@ def test_last_token_index_left_and_right_padding():
     assert position_ids_from_mask(left).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
     with pytest.raises(ValueError, match="at least one real token"):
         last_token_index(torch.tensor([[1, 1], [0, 0]]))
+    assert last_token_index(torch.tensor([[1, 1], [0, 0]]), allow_empty=True).tolist() == [1, 0]
 
 
 def test_pad_batch_sides():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 
 from selfrank.train.config import PromptFormat, SyntheticTaskConfig
-from selfrank.train.data.tasks import Example, TaskData
+from selfrank.train.data.examples import Example, TaskData
 
 NAMES = ("ann", "tom", "sam", "eva", "bob", "lia", "max", "zoe", "ian", "kim", "leo", "amy", "joe", "mia",
          "ben", "ivy", "dan", "eli", "gus", "ada")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,50 +22,14 @@ from selfrank.errors import UserError
 from selfrank.jsonl import read_jsonl
 
 from selfrank.train.config import PromptFormat, TaskConfig
+from selfrank.train.data.synthetic import make_task
+from selfrank.train.data.examples import SPLITS, Example, TaskData, dialogue_prompt, qa_prompt
 
 log = logging.getLogger(__name__)
 
 HUB_DATASETS = ("daily_dialog", "squad_v2", "cornell_movie_dialog")
-SPLITS = ("train", "validation", "test")
 # Share of the groups carved out of the training source for each missing split.
 CARVE_FRACTION = 0.1
-
-
-@dataclass
-class Example:
-    id: str
-    prompt: str
-    target: str  # the answer trained on
-    references: list[str]  # every gold answer (scoring)
-    meta: dict = field(default_factory=dict)  # "group" (leakage key) and source details
-
-
-@dataclass
-class TaskData:
-    train: list[Example]
-    validation: list[Example]
-    test: list[Example]
-
-    def split(self, name: str) -> list[Example]:
-        if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}")
-        return getattr(self, name)
-
-
-# ----------------------------------------------------------------------------------------------- prompts
-
-def dialogue_prompt(turns: list[str], fmt: PromptFormat) -> str:
-    kept = turns[-fmt.max_context_turns:] if fmt.max_context_turns else turns
-    return f"{fmt.context} {fmt.turn_separator.join(kept)} {fmt.answer}"
-
-
-def qa_prompt(context: str, question: str, fmt: PromptFormat) -> str:
-    return f"{fmt.context} {' '.join(context.split())} {fmt.question} {' '.join(question.split())} {fmt.answer}"
-
-
-def prompt_markers(fmt: PromptFormat) -> list[str]:
-    """The marker strings, to be registered as special tokens."""
-    return list(dict.fromkeys([fmt.context, fmt.question, fmt.answer]))
 
 
 # ----------------------------------------------------------------------------------------------- row checks
@@ -280,8 +243,6 @@ def _load_source(kind: str, source: str, split: str, cfg: TaskConfig) -> list[Ex
 def load_task(cfg: TaskConfig) -> TaskData:
     """Load the task's train/validation/test examples (see the module docstring for the rules)."""
     if cfg.kind == "synthetic":
-        from selfrank.train.data.synthetic import make_task
-
         data = make_task(cfg.synthetic, cfg.prompt)
     else:
         data = _load_files(cfg)

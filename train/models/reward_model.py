@@ -26,33 +26,13 @@ from torch import nn
 from selfrank.atomic import write_json
 from selfrank.errors import UserError
 
+from selfrank.train.models.masks import last_token_index, position_ids_from_mask
 from selfrank.train.models.causal_lm import atomic_folder, encode_prompt_response, load_model
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
 POOLING = "last_token"
 FORMAT_VERSION = 1
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real (mask 1) position of each row: correct for left and right padding.
-
-    ``argmax`` over ``position * mask`` is the highest masked-in position whatever side the padding
-    is on; a row with no real token is a caller's bug, so it raises."""
-    mask = attention_mask.to(torch.long)
-    if mask.ndim != 2:
-        raise ValueError(f"attention_mask must be (batch, time), got shape {tuple(mask.shape)}")
-    if not bool((mask.sum(dim=1) > 0).all()):
-        raise ValueError("every row needs at least one real token (attention_mask all zero)")
-    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
-    return (positions * mask).argmax(dim=1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only real tokens, so a left-padded row sees the same positions as the
-    same text right-padded (absolute position embeddings would otherwise shift with the padding)."""
-    mask = attention_mask.to(torch.long)
-    return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 def disable_dropout(module: nn.Module) -> None:
@@ -242,3 +222,34 @@ def score(rm: RewardModel, tokenizer, prompts: list[str], responses: list[str], 
     finally:
         rm.train(was_training)
     return out
+
+
+# ---- batches of encoded items (training and the online refresher) ------------------------------
+def batch_rewards(rm: RewardModel, tokenizer, batch: list[list[list[int]]]) -> torch.Tensor:
+    """Raw rewards of every sequence of every item, flattened in order, in one forward pass."""
+    flat = [ids for item in batch for ids in item]
+    ids, mask = pad_batch(flat, tokenizer.pad_token_id, tokenizer.padding_side or "left")
+    device = model_device(rm)
+    return rm(ids.to(device), mask.to(device))
+
+
+def pairwise_rewards(rm: RewardModel, tokenizer,
+                      batch: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r_w, r_l)`` for a batch of ``[winner_ids, loser_ids]`` items."""
+    rewards = batch_rewards(rm, tokenizer, batch)
+    return rewards[0::2], rewards[1::2]
+
+
+def listwise_scores(rm: RewardModel, tokenizer,
+                     batch: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of every text of every list, laid out ``(groups, max_items)`` with a mask."""
+    rewards = batch_rewards(rm, tokenizer, batch)
+    width = max(len(item) for item in batch)
+    scores = torch.zeros((len(batch), width), dtype=rewards.dtype, device=rewards.device)
+    item_mask = torch.zeros((len(batch), width), dtype=torch.bool, device=rewards.device)
+    offset = 0
+    for row, item in enumerate(batch):
+        scores[row, :len(item)] = rewards[offset:offset + len(item)]
+        item_mask[row, :len(item)] = True
+        offset += len(item)
+    return scores, item_mask

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from selfrank.train.models.masks import last_token_index
+
 
 def logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probability of ``ids`` under ``softmax(logits / temperature)``; shapes ``(B, T, V)``, ``(B, T)``.
@@ -87,12 +89,6 @@ def per_token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k
     raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1' or 'k3'")
 
 
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each right-padded row ((B,) long); an empty row gives 0."""
-    lengths = mask.long().sum(-1)
-    return (lengths - 1).clamp(min=0)
-
-
 def compute_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
                     kl_coef: float, estimator: str = "k1") -> torch.Tensor:
     """Per-token rewards ``(B, R)``: ``-kl_coef * KL_t`` on every real token, plus the sequence score
@@ -103,7 +99,7 @@ def compute_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Ten
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     # A row with no real token carries no score (nothing was said to be scored).
     has_token = mask_f.sum(-1) > 0
-    rewards[rows, last_token_index(mask)] += torch.where(has_token, score.to(rewards.dtype), 0.0)
+    rewards[rows, last_token_index(mask, allow_empty=True)] += torch.where(has_token, score.to(rewards.dtype), 0.0)
     return rewards
 
 

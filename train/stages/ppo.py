@@ -84,10 +84,14 @@ from selfrank.train.rl.ppo_math import (
     policy_loss_terms,
     value_loss_terms,
 )
-from selfrank.train.models.reward_model import RewardModel, atomic_folder, disable_dropout, position_ids_from_mask
+from selfrank.train.models.reward_model import RewardModel, atomic_folder, disable_dropout
+from selfrank.train.models.masks import position_ids_from_mask
 from selfrank.train.dist.stage_setup import begin_training, end_training, stage_cost
 from selfrank.train.signals import stop_if_requested
+from selfrank.train.models.policy_value import PolicyAndValue
 from selfrank.train.models.value_model import ValueModel
+from selfrank.train.optim import adamw_groups
+from selfrank.train.rl.online_rm import OnlineRewardRefresher
 
 log = logging.getLogger(__name__)
 
@@ -520,113 +524,7 @@ def _restart_log(path: Path, keep_until_step: int) -> None:
     write_jsonl(path, rows)
 
 
-# ---- online reward model -------------------------------------------------------------------------
-class OnlineRewardRefresher:
-    """Collects ranked rollout groups from the pool and refreshes the RM on their pairs.
-
-    Results ranked from a policy more than ``max_staleness`` steps old are dropped: their pairs
-    describe answers the current policy no longer gives."""
-
-    def __init__(self, rm: RewardModel, tokenizer, config: ExperimentConfig, steps_per_refresh: int = 4):
-        self.rm = rm
-        self.tokenizer = tokenizer
-        self.max_staleness = config.ppo.online_rm_max_staleness
-        self.max_length = config.reward.max_length
-        self.batch_size = config.reward.batch_size
-        self.steps_per_refresh = steps_per_refresh
-        rm.requires_grad_(True)
-        self.optimizer = adamw(rm, config.reward.lr, weight_decay=0.0)
-        rm.requires_grad_(False)
-        self.fresh: list[tuple[int, str, str, str]] = []  # (policy_version, prompt, winner, loser)
-        self.dropped_stale = 0
-        self.failed = 0
-
-    def take(self, results) -> None:
-        for result in results:
-            if getattr(result, "error", None) is not None:
-                self.failed += 1
-                continue
-            ranked = result.ranked
-            version = int(getattr(result, "policy_version", 0) or 0)
-            for winner, loser in ranked.pairs:
-                self.fresh.append((version, ranked.prompt, ranked.responses[winner], ranked.responses[loser]))
-
-    def refresh(self, step: int, generator: torch.Generator, accelerator=None) -> dict:
-        """A few pairwise-loss steps on the fresh pairs; returns statistics for the log.
-
-        Under a launcher (``accelerator`` with several processes) every process ranked its own rollout
-        groups: the fresh pairs of all processes are gathered, the main process trains, and the new
-        weights are broadcast so that every process scores with the same RM. Collective then."""
-        from selfrank.train.stages.reward import _pairwise_rewards, pairwise_loss
-        from selfrank.train.models.reward_model import encode_pairs
-
-        keep = [p for p in self.fresh if step - p[0] <= self.max_staleness]
-        self.dropped_stale += len(self.fresh) - len(keep)
-        self.fresh = []
-        several = accelerator is not None and accelerator.num_processes > 1
-        if several:
-            keep = dist.gather_lists(keep)
-            dropped = int(dist.reduce_sum(float(self.dropped_stale), accelerator))
-        else:
-            dropped = self.dropped_stale
-        stats = {"online_rm/pairs": len(keep), "online_rm/dropped_stale": dropped}
-        if not keep:
-            return stats
-        if several and not accelerator.is_main_process:
-            self._receive_weights()
-            return stats
-        prompts = [p[1] for p in keep]
-        winners = encode_pairs(self.tokenizer, prompts, [p[2] for p in keep], self.max_length)
-        losers = encode_pairs(self.tokenizer, prompts, [p[3] for p in keep], self.max_length)
-        items = [[w, l] for w, l in zip(winners, losers)]
-        self.rm.train()
-        self.rm.requires_grad_(True)
-        losses = []
-        try:
-            for _ in range(self.steps_per_refresh):
-                order = torch.randperm(len(items), generator=generator)[:self.batch_size].tolist()
-                r_w, r_l = _pairwise_rewards(self.rm, self.tokenizer, [items[i] for i in order])
-                loss = pairwise_loss(r_w, r_l)
-                if not _finite(loss):
-                    break
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                losses.append(float(loss.detach()))
-        finally:
-            self.rm.eval()
-            self.rm.requires_grad_(False)
-        if losses:
-            stats["online_rm/loss"] = float(np.mean(losses))
-        if several:
-            self._receive_weights()  # the main process sends
-        return stats
-
-    def _receive_weights(self) -> None:
-        """Every process takes the main process's RM weights (collective)."""
-        with torch.no_grad():
-            for tensor in [*self.rm.parameters(), *self.rm.buffers()]:
-                torch.distributed.broadcast(tensor.data, src=0)
-
-
 # ---- the loop ------------------------------------------------------------------------------------
-def adamw(module: torch.nn.Module, lr: float, **kwargs) -> torch.optim.AdamW:
-    """AdamW, fused into one kernel when the device supports it (a few ms per step on small models)."""
-    return adamw_groups([(module, lr)], **kwargs)
-
-
-def adamw_groups(groups: list[tuple[torch.nn.Module, float]], fused: bool = True, **kwargs) -> torch.optim.AdamW:
-    """One AdamW over several modules, one parameter group (with its own learning rate) per module.
-
-    AdamW's update is per parameter, so this equals one optimizer per module. ``fused`` picks the fused
-    kernel when every parameter allows it (not under DeepSpeed, which steps flattened partitions)."""
-    param_groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": lr} for module, lr in groups]
-    params = [p for group in param_groups for p in group["params"]]
-    fusable = fused and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                            and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(param_groups, lr=groups[0][1], fused=fusable or None, **kwargs)
-
-
 def _check_same_tokenizer(tokenizer, rm: RewardModel, rm_folder: Path) -> None:
     other = rm.tokenizer
     if other is None:
@@ -719,7 +617,7 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
     dist.save_on_main(lambda: _restart_log(log_path, progress.step), acc)
 
     # Actor and critic: one module, one optimizer (actor lr, critic lr), one DDP wrapper / DeepSpeed engine.
-    policy_value = dist.PolicyAndValue(actor, critic).to(acc.device).train()
+    policy_value = PolicyAndValue(actor, critic).to(acc.device).train()
     optimizer = adamw_groups([(actor, cfg.lr), (critic, cfg.critic_lr)], fused=not deepspeed)
     model, optimizer = dist.prepare_trainable(acc, policy_value, optimizer, micro_batch_size=per_process,
                                               max_grad_norm=cfg.max_grad_norm)
@@ -879,7 +777,7 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
     progress.seconds += time.perf_counter() - started
     checkpoint_now()
 
-    def save_final(inner: dist.PolicyAndValue) -> None:
+    def save_final(inner: PolicyAndValue) -> None:
         save_model(inner.policy, tokenizer, out_folder / "actor")
         inner.value.save_pretrained(out_folder / "critic")
         if online_rm:

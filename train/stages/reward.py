@@ -27,212 +27,39 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from selfrank.ranking.engine import RankedGroup, stable_seed
 from selfrank.errors import UserError
-from selfrank.jsonl import read_jsonl
+from selfrank.ranking.engine import stable_seed
 
 from selfrank.train import dist
 from selfrank.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from selfrank.train.config import ExperimentConfig
+from selfrank.train.data.preferences import (
+    LOSSES,
+    PreferencePair,
+    heldout_prompts,
+    load_pairs,
+    load_ranked,
+    split_pairs,
+    training_items,
+)
 from selfrank.train.models.causal_lm import load_causal_lm
-from selfrank.train.models.reward_model import RewardModel, encode_pairs, model_device, pad_batch, score
+from selfrank.train.models.reward_model import RewardModel, encode_pairs, listwise_scores, pairwise_rewards, score
+from selfrank.train.rl.reward_losses import listwise_loss_sum, pairwise_accuracy, pairwise_loss_sum
 from selfrank.train.signals import stop_if_requested
 from selfrank.train.dist.stage_setup import begin_training, end_training, stage_cost, uneven_shard
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("pairwise", "listwise")
 # Train accuracy is a sanity figure; a fixed subset keeps its cost bounded on large pair files.
 TRAIN_ACCURACY_MAX_PAIRS = 2000
 NORMALIZER_MIN_STD = 1e-6
-
-
-# ---- losses (pure) -------------------------------------------------------------------------------
-def pairwise_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
-    """Mean of ``-log sigmoid(r_w - r_l)``, computed as ``softplus(r_l - r_w)`` (no overflow)."""
-    return F.softplus(r_l - r_w).mean()
-
-
-def pairwise_loss_sum(r_w: torch.Tensor, r_l: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of ``-log sigmoid(r_w - r_l)`` and the number of pairs (for a mean over ranks)."""
-    return F.softplus(r_l - r_w).sum(), int(r_w.numel())
-
-
-def pairwise_accuracy(r_w, r_l) -> float:
-    """Fraction of pairs with ``r_w > r_l`` strictly (a tie counts as a miss)."""
-    r_w = torch.as_tensor(r_w)
-    r_l = torch.as_tensor(r_l)
-    if r_w.numel() == 0:
-        raise ValueError("pairwise_accuracy of zero pairs")
-    return float((r_w > r_l).float().mean())
-
-
-def listwise_loss(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Plackett-Luce negative log-likelihood of the order given (column 0 best), masked.
-
-    For one list with real items ``s_1..s_n`` in the given order,
-    ``NLL = sum_i [logsumexp(s_i..s_n) - s_i]``. Masked entries (padding) take no part in any term.
-    The result is the mean NLL over lists with at least two real items (for two items it equals
-    ``pairwise_loss``)."""
-    total, count = listwise_loss_sum(scores, mask)
-    return total / count if count else total
-
-
-def listwise_loss_sum(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of the Plackett-Luce NLLs of the lists with at least two real items, and their number
-    (:func:`listwise_loss` is their mean; a sum over ranks / a global count gives the same mean)."""
-    if scores.shape != mask.shape or scores.ndim != 2:
-        raise ValueError("scores and mask must both be (groups, items); "
-                         f"got {tuple(scores.shape)}, {tuple(mask.shape)}")
-    real = mask.to(torch.bool)
-    neg_inf = torch.finfo(scores.dtype).min
-    masked = scores.masked_fill(~real, neg_inf)
-    # logsumexp over each item and every item after it: a reversed cumulative logsumexp.
-    tail = torch.logcumsumexp(masked.flip(-1), dim=-1).flip(-1)
-    terms = torch.where(real, tail - scores, torch.zeros_like(scores))
-    per_list = terms.sum(dim=-1)
-    counted = real.sum(dim=-1) >= 2
-    if not bool(counted.any()):
-        return scores.sum() * 0.0, 0  # keeps the graph; no list to learn from
-    return per_list[counted].sum(), int(counted.sum())
-
-
-# ---- data ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PreferencePair:
-    group_id: str
-    prompt: str
-    winner: str
-    loser: str
-    loser_noised: str | None = None
-    noise_kind: str | None = None
-
-    def loser_text(self, use_noise: bool) -> str:
-        """The loser to train on: its perturbed version under ``use_noise`` when one exists."""
-        return self.loser_noised if use_noise and self.loser_noised is not None else self.loser
-
-
-def load_pairs(path: str | Path) -> list[PreferencePair]:
-    """Read ``pairs.jsonl``; every malformed row is a ``UserError`` naming ``file:line``."""
-    pairs: list[PreferencePair] = []
-    prompt_of: dict[str, str] = {}
-    for number, row in read_jsonl(path):
-        where = f"{path}:{number}"
-        for key in ("group_id", "prompt", "winner", "loser"):
-            if key not in row:
-                raise UserError(f"{where}: missing key '{key}'")
-        for key in ("prompt", "winner", "loser"):
-            if not isinstance(row[key], str):
-                raise UserError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
-        noised = row.get("loser_noised")
-        if noised is not None and not isinstance(noised, str):
-            raise UserError(f"{where}: 'loser_noised' must be a string or null, got {type(noised).__name__}")
-        group_id = str(row["group_id"])
-        if prompt_of.setdefault(group_id, row["prompt"]) != row["prompt"]:
-            raise UserError(f"{where}: group_id {group_id!r} appears with two different prompts")
-        pairs.append(PreferencePair(group_id, row["prompt"], row["winner"], row["loser"], noised,
-                                    row.get("noise_kind")))
-    return pairs
-
-
-def load_ranked(path: str | Path) -> list[RankedGroup]:
-    """Read ``ranked.jsonl`` (``RankedGroup.to_json`` rows) with ``file:line`` errors."""
-    groups: list[RankedGroup] = []
-    for number, row in read_jsonl(path):
-        try:
-            group = RankedGroup.from_json(row)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise UserError(f"{path}:{number}: {exc}") from None
-        n = len(group.responses)
-        if any(not 0 <= i < n for i in group.representatives):
-            raise UserError(f"{path}:{number}: 'representatives' index out of range for {n} responses")
-        groups.append(group)
-    return groups
-
-
-def ranked_lists(groups: Iterable[RankedGroup]) -> list[tuple[str, list[str]]]:
-    """``(prompt, texts best first)`` per group: the cluster representatives in TextRank order
-    (near-duplicates removed, as for the pairs). Lists of fewer than two texts teach nothing."""
-    out = []
-    for group in groups:
-        texts = [group.responses[i] for i in group.representatives]
-        if len(texts) >= 2:
-            out.append((group.prompt, texts))
-    return out
-
-
-def heldout_prompts(prompts: Iterable[str], fraction: float, seed: int) -> set[str]:
-    """The prompts held out: ``round(fraction * n)`` of the distinct prompts (at least one and at most
-    ``n - 1`` when ``fraction > 0`` and ``n >= 2``), chosen by a stable hash of (seed, prompt).
-
-    Deterministic across processes and independent of file order; every group or pair of a prompt
-    goes the same way, so no prompt is on both sides."""
-    unique = sorted(set(prompts))
-    if fraction <= 0 or len(unique) < 2:
-        return set()
-    count = min(max(1, round(fraction * len(unique))), len(unique) - 1)
-    ranked = sorted(unique, key=lambda p: (stable_seed("reward-heldout", seed, p), p))
-    return set(ranked[:count])
-
-
-def split_pairs(pairs: list[PreferencePair],
-                heldout: set[str]) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """``(train, held_out)`` by prompt."""
-    train = [p for p in pairs if p.prompt not in heldout]
-    held = [p for p in pairs if p.prompt in heldout]
-    return train, held
-
-
-def training_items(pairs: list[PreferencePair], groups: list[RankedGroup], heldout: set[str], loss: str,
-                   use_noise: bool) -> list[tuple[str, list[str]]]:
-    """What the RM trains on, outside the held-out prompts: ``(prompt, [winner, loser])`` per pair
-    (the loser perturbed under ``use_noise`` where a perturbation exists) for ``pairwise``; the whole
-    best-first list per group for ``listwise`` (noise decorates pairs only, so it does not apply)."""
-    if loss == "pairwise":
-        return [(p.prompt, [p.winner, p.loser_text(use_noise)]) for p in pairs if p.prompt not in heldout]
-    if loss == "listwise":
-        return [(prompt, texts) for prompt, texts in ranked_lists(groups) if prompt not in heldout]
-    raise UserError(f"reward loss: must be one of {', '.join(LOSSES)}; got {loss!r}")
-
-
-# ---- batching ---------------------------------------------------------------------------------
-def _rewards(rm: RewardModel, tokenizer, batch: list[list[list[int]]]) -> torch.Tensor:
-    """Raw rewards of every sequence of every item, flattened in order, in one forward pass."""
-    flat = [ids for item in batch for ids in item]
-    ids, mask = pad_batch(flat, tokenizer.pad_token_id, tokenizer.padding_side or "left")
-    device = model_device(rm)
-    return rm(ids.to(device), mask.to(device))
-
-
-def _pairwise_rewards(rm: RewardModel, tokenizer,
-                      batch: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r_w, r_l)`` for a batch of ``[winner_ids, loser_ids]`` items."""
-    rewards = _rewards(rm, tokenizer, batch)
-    return rewards[0::2], rewards[1::2]
-
-
-def _listwise_scores(rm: RewardModel, tokenizer,
-                     batch: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of every text of every list, laid out ``(groups, max_items)`` with a mask."""
-    rewards = _rewards(rm, tokenizer, batch)
-    width = max(len(item) for item in batch)
-    scores = torch.zeros((len(batch), width), dtype=rewards.dtype, device=rewards.device)
-    item_mask = torch.zeros((len(batch), width), dtype=torch.bool, device=rewards.device)
-    offset = 0
-    for row, item in enumerate(batch):
-        scores[row, :len(item)] = rewards[offset:offset + len(item)]
-        item_mask[row, :len(item)] = True
-        offset += len(item)
-    return scores, item_mask
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -431,7 +258,7 @@ def train_reward(config: ExperimentConfig, sft_folder: Path, pairs_path: Path, r
             acc)
 
     items = [encode_pairs(tokenizer, [prompt] * len(texts), texts, cfg.max_length) for prompt, texts in items_text]
-    forward = _pairwise_rewards if loss == "pairwise" else _listwise_scores
+    forward = pairwise_rewards if loss == "pairwise" else listwise_scores
     show = sys.stderr.isatty() and acc.is_main_process
     progress = tqdm(range(resumed_from, total_steps), desc=f"reward ({loss})", disable=not show,
                     initial=resumed_from, total=total_steps)

@@ -41,7 +41,8 @@ from selfrank.errors import UserError
 from selfrank.train import dist
 from selfrank.train.models import peft_methods
 from selfrank.train.config import ExperimentConfig
-from selfrank.train.data.tasks import TaskData, load_task, prompt_markers
+from selfrank.train.data.examples import TaskData, prompt_markers
+from selfrank.train.data.tasks import load_task
 from selfrank.train.models.causal_lm import atomic_folder, encode_prompt_response, init_policy, load_model, save_model
 from selfrank.train.rundir import RunDir
 from selfrank.train.signals import stop_if_requested
