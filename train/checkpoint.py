@@ -1,20 +1,28 @@
-"""Crash-safe training checkpoints with checksums, for exact resume.
+"""The one checkpoint format of every training stage (SFT and its baselines, reward model, PPO).
 
-A checkpoint is a folder: one ``<name>.safetensors`` per model, ``optim.pt`` (optimiser and scheduler
-states), ``rng.pt`` (torch, numpy and Python generator states), ``state.json`` (step, data position,
-anything JSON-able) and ``checksums.json`` (SHA-256 of every other file). It is written beside the
-target and swapped in by renames, so a kill at any point leaves the previous checkpoint valid; loading
+A checkpoint is a folder: one ``<name>.safetensors`` per set of weights, ``optim.pt`` (optimizer and
+scheduler states, by name), ``rng.pt`` (torch CPU and every CUDA device, numpy and Python generator
+states), ``state.json`` (step, data position, the settings fingerprint, anything JSON-able) and
+``checksums.json`` (SHA-256 of every other file). It is written beside the target (``<folder>.new``)
+and swapped in by renames, so a kill at any moment leaves the previous checkpoint valid
+(:func:`find_checkpoint` also finds it at ``<folder>.old`` when the kill hit the swap itself); loading
 verifies every checksum, so a corrupted or truncated checkpoint is reported, never loaded silently.
 State is read with ``torch.load(weights_only=True)``; weights are safetensors.
+
+Weights come as a module (its whole state, tied tensors stored once and restored by the module's own
+ties) or as a mapping name -> tensor (e.g. only the trainable parameters, or full weights gathered from
+ZeRO-3 partitions); a mapping is loaded back into the same names of a module or a mapping of parameters.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
 from pathlib import Path
+from typing import Mapping, Union
 
 import numpy as np
 import torch
@@ -23,7 +31,11 @@ from safetensors.torch import load_file, save_file
 from selfrank.atomic import naming_disk_full
 from selfrank.errors import UserError
 
+log = logging.getLogger(__name__)
+
 CHECKSUMS = "checksums.json"
+STATE = "state.json"
+Weights = Union[torch.nn.Module, Mapping[str, torch.Tensor]]
 
 
 class CheckpointError(UserError):
@@ -42,13 +54,15 @@ def rng_state() -> dict:
     """Every generator's state as tensors and plain values (loadable with weights_only=True)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached": float(cached)},
-        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
-                   "gauss": gauss},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -57,28 +71,61 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # Tied weights (e.g. GPT-2's lm_head and wte) share storage; safetensors refuses shared
-    # tensors, so each is saved as its own contiguous copy and loaded back by name.
-    return {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
+def _tensors_to_save(weights: Weights) -> dict[str, torch.Tensor]:
+    """Plain CPU copies. A module's tied tensors (GPT-2's lm_head is its input embedding) are kept once:
+    safetensors refuses shared storage. Copies, because weights gathered from ZeRO-3 partitions are views
+    into larger padded buffers."""
+    if isinstance(weights, torch.nn.Module):
+        tensors, seen = {}, set()
+        for name, tensor in weights.state_dict().items():
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+            if tensor.numel() and key in seen:
+                continue
+            seen.add(key)
+            tensors[name] = tensor.detach().cpu().clone().contiguous()
+        return tensors
+    return {name: tensor.detach().cpu().clone().contiguous() for name, tensor in weights.items()}
 
 
-def save_checkpoint(folder: str | os.PathLike, *, models: dict[str, torch.nn.Module],
-                    optimizers: dict[str, object] | None = None, state: dict | None = None) -> None:
-    """Write a checkpoint to ``folder`` atomically (``optimizers`` may hold schedulers too)."""
+def _load_into(target: Weights, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy ``tensors`` into ``target`` by name; every saved name must exist there, and every name of the
+    target must be saved or share storage with a saved one (a tie)."""
+    own = target.state_dict() if isinstance(target, torch.nn.Module) else dict(target)
+    unexpected = sorted(set(tensors) - set(own))
+    if unexpected:
+        raise CheckpointError(f"checkpoint {where}: weights {unexpected[:3]} do not match the model being trained")
+    loaded_ptrs = {own[name].data_ptr() for name in tensors}
+    missing = sorted(name for name, tensor in own.items() if name not in tensors and tensor.data_ptr() not in loaded_ptrs)
+    if missing:
+        raise CheckpointError(f"checkpoint {where}: weights {missing[:3]} are missing for the model being trained")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if own[name].shape != tensor.shape:
+                raise CheckpointError(f"checkpoint {where}: {name} has shape {tuple(tensor.shape)}, the model "
+                                      f"{tuple(own[name].shape)}")
+            own[name].copy_(tensor.to(own[name].device, own[name].dtype))
+
+
+def save_checkpoint(folder: str | os.PathLike, *, models: Mapping[str, Weights],
+                    optimizers: Mapping[str, object] | None = None, state: dict | None = None) -> None:
+    """Write a checkpoint to ``folder`` atomically. ``optimizers`` maps a name to anything with a
+    ``state_dict()`` (optimizers, schedulers) or to a state dict itself; ``state`` must be JSON-able."""
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         with naming_disk_full(folder):
-            for name, model in models.items():
-                save_file(_model_tensors(model), str(staging / f"{name}.safetensors"))
-            torch.save({name: opt.state_dict() for name, opt in (optimizers or {}).items()}, staging / "optim.pt")
+            for name, weights in models.items():
+                save_file(_tensors_to_save(weights), str(staging / f"{name}.safetensors"))
+            optim = {name: opt if isinstance(opt, dict) else opt.state_dict() for name, opt in (optimizers or {}).items()}
+            torch.save(optim, staging / "optim.pt")
             torch.save(rng_state(), staging / "rng.pt")
-            (staging / "state.json").write_text(json.dumps(state or {}, indent=2))
+            (staging / STATE).write_text(json.dumps(state or {}, indent=2, default=str))
             sums = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
             (staging / CHECKSUMS).write_text(json.dumps(sums, indent=2))
             for path in staging.iterdir():
@@ -108,6 +155,13 @@ def find_checkpoint(folder: str | os.PathLike) -> Path | None:
     return None
 
 
+def discard_checkpoint(folder: str | os.PathLike) -> None:
+    """Remove a checkpoint and whatever a killed write left beside it (``.new``, ``.old``)."""
+    folder = Path(folder)
+    for path in (folder, folder.with_name(folder.name + ".old"), folder.with_name(folder.name + ".new")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def verify_checkpoint(folder: Path) -> None:
     try:
         sums = json.loads((folder / CHECKSUMS).read_text())
@@ -122,19 +176,54 @@ def verify_checkpoint(folder: Path) -> None:
                                   "delete the folder to restart the stage, or restore it")
 
 
-def load_checkpoint(folder: str | os.PathLike, *, models: dict[str, torch.nn.Module],
-                    optimizers: dict[str, object] | None = None, restore_rng: bool = True) -> dict:
-    """Verify and load a checkpoint into the given objects; returns its ``state`` dict."""
+def read_state(folder: str | os.PathLike) -> dict | None:
+    """The ``state.json`` of the checkpoint to resume from (checksums verified), or None if there is none."""
+    found = find_checkpoint(folder)
+    if found is None:
+        return None
+    verify_checkpoint(found)
+    return json.loads((found / STATE).read_text())
+
+
+def check_fingerprint(state: dict, fingerprint: dict, folder: str | os.PathLike, what: str) -> None:
+    """Refuse a checkpoint made with other settings or data (``fingerprint``: what the run depends on)."""
+    if state.get("fingerprint") != json.loads(json.dumps(fingerprint, default=str)):
+        raise CheckpointError(f"{folder}: the checkpoint was made with other {what} settings or data; "
+                              "run again without --resume (or with --force) to start over")
+
+
+def load_checkpoint(folder: str | os.PathLike, *, models: Mapping[str, Weights],
+                    optimizers: Mapping[str, object] | None = None, restore_rng: bool = True) -> dict:
+    """Verify and load a checkpoint into the given objects; returns its ``state`` dict.
+
+    Weights go into plain (unprepared) modules; optimizers can also be loaded later, once prepared, with
+    :func:`load_optimizers`."""
     found = find_checkpoint(folder)
     if found is None:
         raise CheckpointError(f"no checkpoint to resume from in {folder}")
     verify_checkpoint(found)
-    for name, model in models.items():
-        tensors = load_file(str(found / f"{name}.safetensors"))
-        model.load_state_dict(tensors, strict=True)
-    optim_states = torch.load(found / "optim.pt", weights_only=True)
-    for name, opt in (optimizers or {}).items():
-        opt.load_state_dict(optim_states[name])
+    for name, target in models.items():
+        path = found / f"{name}.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {found}: {path.name} is missing")
+        _load_into(target, load_file(str(path)), found)
+    if optimizers:
+        load_optimizers(found, optimizers)
     if restore_rng:
         set_rng_state(torch.load(found / "rng.pt", weights_only=True))
-    return json.loads((found / "state.json").read_text())
+    return json.loads((found / STATE).read_text())
+
+
+def load_optimizers(folder: str | os.PathLike, optimizers: Mapping[str, object]) -> None:
+    """Load optimizer/scheduler states by name. One the checkpoint does not hold (DeepSpeed partitions
+    optimizer states, so a DeepSpeed run saves none) restarts, with a warning."""
+    found = find_checkpoint(folder)
+    if found is None:
+        raise CheckpointError(f"no checkpoint to resume from in {folder}")
+    states = torch.load(found / "optim.pt", weights_only=True)
+    for name, opt in optimizers.items():
+        if name in states:
+            opt.load_state_dict(states[name])
+        else:
+            log.warning("checkpoint %s holds no %s state (saved under DeepSpeed, which partitions it): "
+                        "it restarts", found, name)

@@ -16,7 +16,7 @@ STAGES = ("sft", "sample", "reward", "ppo", "eval")
 # Where to kill: (the stage it should land in, a file whose appearance means that stage is under way).
 KILL_POINTS = [
     ("sft", "sft/original/config.json"),          # before the first SFT checkpoint: restart from scratch
-    ("sft", "sft/checkpoint/progress.json"),      # after one: continue from it
+    ("sft", "sft/checkpoint/checksums.json"),    # after one: continue from it
     ("sample", "sample/progress.0.jsonl"),        # some groups ranked
     ("reward", "reward/str/checkpoint/checksums.json"),
     ("ppo", "ppo/str/log.jsonl"),

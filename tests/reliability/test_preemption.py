@@ -32,14 +32,14 @@ def test_sigterm_mid_sft_checkpoints_exits_143_and_resume_matches(tmp_path, refe
     config = write_config(tmp_path, "pre")
     root = tmp_path / "runs" / "pre"
     process = start(["sft", str(config)], cwd=tmp_path, log=tmp_path / "sft.log")
-    assert wait_for(lambda: (root / "sft" / "checkpoint" / "progress.json").is_file(), process)
+    assert wait_for(lambda: (root / "sft" / "checkpoint" / "state.json").is_file(), process)
     code = kill(process, signal.SIGTERM)
     log = (tmp_path / "sft.log").read_text()
     assert code == EXIT_CODE == 143, log[-2000:]
     assert "Traceback" not in log
     (message,) = [line for line in error_lines(log) if line.startswith("selfrank:")]
     assert "SIGTERM" in message and "--resume" in message
-    step = json.loads((root / "sft" / "checkpoint" / "progress.json").read_text())["step"]
+    step = json.loads((root / "sft" / "checkpoint" / "state.json").read_text())["step"]
     assert 3 <= step < 12, step  # stopped mid-training, past the periodic checkpoint at step 3
     assert not (root / "sft" / "DONE.json").exists() and not (root / "sft" / "model").exists()
 

@@ -14,6 +14,7 @@ from selfrank.train.models.causal_lm import build_tiny_model, load_model, save_m
 from selfrank.train.models.policy_value import PolicyAndValue
 import selfrank.train.stages.ppo as ppo_module
 from selfrank.train.stages.ppo import NonFiniteError, collect_rollout, row_seeds, train_ppo
+from selfrank.train.checkpoint import read_state
 from selfrank.train.rl.reward_losses import pairwise_loss
 from selfrank.train.models.reward_model import RewardModel, encode_pairs, pad_batch
 from selfrank.train.models.value_model import ValueModel
@@ -326,8 +327,7 @@ def test_nan_scores_stop_with_a_checkpoint(world, tmp_path):
     folder = _nan_reward_model(world, tmp_path)
     with pytest.raises(NonFiniteError, match="non-finite reward-model scores"):
         train_ppo(tiny_config(steps=2, nan_policy="stop"), PROMPTS, world["sft"], folder, tmp_path / "ppo")
-    assert (tmp_path / "ppo" / "checkpoint" / "trainer_state.pt").is_file()
-    state = torch.load(tmp_path / "ppo" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    state = read_state(tmp_path / "ppo" / "checkpoint")
     assert state["step"] == 0 and state["cursor"] == 0
 
 

@@ -86,7 +86,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     sft.train_sft(cfg, data, model, tok, "full", tmp_path / "straight")
     model, tok = tiny_policy(seed=1)
     partial = sft.train_sft(cfg, data, model, tok, "full", tmp_path / "resumed", stop_after=3)
-    assert partial["stopped_at"] == 3 and (tmp_path / "resumed" / "checkpoint" / "state.pt").is_file()
+    assert partial["stopped_at"] == 3 and (tmp_path / "resumed" / "checkpoint" / "checksums.json").is_file()
     assert not (tmp_path / "resumed" / "model").exists()
     model, tok = tiny_policy(seed=1)  # a fresh process: same starting weights, other RNG state
     torch.manual_seed(999)

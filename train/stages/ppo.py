@@ -44,21 +44,17 @@ not checkpointed: a resumed DeepSpeed run restarts them (one-process and DDP res
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import queue
-import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_model as load_safetensors_model
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
@@ -67,6 +63,15 @@ from selfrank.ranking.engine import stable_seed
 from selfrank.errors import UserError
 
 from selfrank.train import dist
+from selfrank.train.checkpoint import (
+    check_fingerprint,
+    discard_checkpoint,
+    find_checkpoint,
+    load_checkpoint,
+    load_optimizers,
+    read_state,
+    save_checkpoint,
+)
 from selfrank.train.config import ExperimentConfig, PPOConfig
 from selfrank.train.sampling.generation import generate
 from selfrank.train.models.causal_lm import load_model, save_model
@@ -84,7 +89,7 @@ from selfrank.train.rl.ppo_math import (
     policy_loss_terms,
     value_loss_terms,
 )
-from selfrank.train.models.reward_model import RewardModel, atomic_folder, disable_dropout
+from selfrank.train.models.reward_model import RewardModel, disable_dropout
 from selfrank.train.models.masks import position_ids_from_mask
 from selfrank.train.dist.stage_setup import begin_training, end_training, stage_cost
 from selfrank.train.signals import stop_if_requested
@@ -96,7 +101,6 @@ from selfrank.train.rl.online_rm import OnlineRewardRefresher
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
-STATE_FILE = "trainer_state.pt"
 LOG_FILE = "log.jsonl"
 # Settings that may change between an interrupted run and its resumption (the rest must not).
 _RESUMABLE_CHANGES = ("steps", "save_every", "nan_policy", "gather_for_generation", "offload_reference",
@@ -425,28 +429,6 @@ def _fingerprint(config: ExperimentConfig, n_prompts: int, online_rm: bool) -> d
     return {"ppo": ppo, "seed": config.seed, "prompts": n_prompts, "online_rm": online_rm}
 
 
-def _rng_state() -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached": float(cached)},
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    numpy = state["numpy"]
-    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["cached"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @dataclass
 class _Progress:
     step: int = 0  # completed steps
@@ -456,57 +438,27 @@ class _Progress:
     seconds: float = 0.0  # training time before this process (resumed runs)
 
 
-def _save_weights(module: torch.nn.Module, path: Path) -> None:
-    """The module's weights as safetensors, each tied tensor once (``load_model`` restores the ties).
-
-    Copies, because weights gathered from ZeRO-3 partitions are views into larger padded buffers, which
-    safetensors refuses to write as they are."""
-    tensors, seen = {}, set()
-    for name, tensor in module.state_dict().items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue  # a tied weight (GPT-2's lm_head is its input embedding)
-        seen.add(key)
-        tensors[name] = tensor.detach().cpu().clone().contiguous()
-    save_file(tensors, str(path))
+def _checkpoint_weights(actor, critic, rm: RewardModel | None) -> dict:
+    # The online variant trains the RM itself, so it is part of the state.
+    return {"actor": actor, "critic": critic, **({"reward_model": rm} if rm is not None else {})}
 
 
-def save_checkpoint(folder: Path, actor, critic, rm: RewardModel | None, optimizer_states: dict[str, dict], kl_ctl,
-                    progress: _Progress, fingerprint: dict) -> None:
-    """Write everything the next step depends on to ``folder`` in one atomic rename (plain, full modules;
-    ``optimizer_states`` maps a name to an optimizer's state dict and may be empty)."""
-    with atomic_folder(folder) as tmp:
-        _save_weights(actor, tmp / "actor.safetensors")
-        _save_weights(critic, tmp / "critic.safetensors")
-        if rm is not None:  # online variant: the RM itself is trained
-            _save_weights(rm, tmp / "reward_model.safetensors")
-        torch.save({
-            "step": progress.step, "cursor": progress.cursor, "episodes": progress.episodes,
-            "skipped": progress.skipped, "seconds": progress.seconds,
-            "optimizers": optimizer_states,
-            "kl_controller": kl_ctl.state_dict(), "rng": _rng_state(),
-            "fingerprint": json.dumps(fingerprint, sort_keys=True),
-        }, tmp / STATE_FILE)
+def _save_ppo_checkpoint(folder: Path, actor, critic, rm: RewardModel | None, optimizers: dict, kl_ctl,
+                         progress: _Progress, fingerprint: dict) -> None:
+    """Everything the next step depends on, from plain full modules (``optimizers``: name -> optimizer,
+    empty under DeepSpeed, which partitions them)."""
+    save_checkpoint(folder, models=_checkpoint_weights(actor, critic, rm), optimizers=optimizers,
+                    state={**dataclasses.asdict(progress), "kl_controller": kl_ctl.state_dict(),
+                           "fingerprint": fingerprint})
 
 
-def load_checkpoint(folder: Path, actor, critic, rm: RewardModel | None, kl_ctl,
-                    fingerprint: dict) -> tuple[_Progress, dict[str, dict]]:
-    """Load weights into the plain modules (before ``prepare``), the KL controller and the RNG states;
-    returns the progress and the optimizer state dicts (loaded by the caller once they are prepared)."""
-    state = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
-    if state["fingerprint"] != json.dumps(fingerprint, sort_keys=True):
-        raise UserError(f"{folder}: the checkpoint was made with other PPO settings or prompts; "
-                        "run again without resume to start over")
-    device = str(next(actor.parameters()).device)
-    load_safetensors_model(actor, str(folder / "actor.safetensors"), device=device)
-    load_safetensors_model(critic, str(folder / "critic.safetensors"), device=device)
-    if rm is not None:
-        load_safetensors_model(rm, str(folder / "reward_model.safetensors"), device=device)
+def _load_ppo_checkpoint(folder: Path, actor, critic, rm: RewardModel | None, kl_ctl, fingerprint: dict) -> _Progress:
+    """Weights into the plain modules (before ``prepare``), the KL controller and the RNG states; the
+    optimizers are loaded by the caller once they are prepared (``load_optimizers``)."""
+    check_fingerprint(read_state(folder) or {}, fingerprint, folder, "PPO")
+    state = load_checkpoint(folder, models=_checkpoint_weights(actor, critic, rm))
     kl_ctl.load_state_dict(state["kl_controller"])
-    _set_rng_state(state["rng"])
-    progress = _Progress(step=int(state["step"]), cursor=int(state["cursor"]), episodes=int(state["episodes"]),
-                         skipped=int(state["skipped"]), seconds=float(state["seconds"]))
-    return progress, dict(state["optimizers"])
+    return _Progress(**{f.name: state[f.name] for f in dataclasses.fields(_Progress)})
 
 
 def _restart_log(path: Path, keep_until_step: int) -> None:
@@ -606,14 +558,12 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
     fingerprint = _fingerprint(config, len(prompts), online_rm)
 
     progress = _Progress()
-    optimizer_states: dict[str, dict] = {}
-    if resume and (checkpoint / STATE_FILE).is_file():
-        progress, optimizer_states = load_checkpoint(checkpoint, actor, critic, rm if online_rm else None, kl_ctl,
-                                                     fingerprint)
+    if resume and find_checkpoint(checkpoint) is not None:
+        progress = _load_ppo_checkpoint(checkpoint, actor, critic, rm if online_rm else None, kl_ctl, fingerprint)
         log.info("ppo: resuming after step %d of %d (%s)", progress.step, cfg.steps, checkpoint)
-    elif checkpoint.exists():
+    elif find_checkpoint(checkpoint) is not None:
         log.info("ppo: discarding the old checkpoint %s (not resuming)", checkpoint)
-        dist.save_on_main(lambda: shutil.rmtree(checkpoint), acc)
+        dist.save_on_main(lambda: discard_checkpoint(checkpoint), acc)
     dist.save_on_main(lambda: _restart_log(log_path, progress.step), acc)
 
     # Actor and critic: one module, one optimizer (actor lr, critic lr), one DDP wrapper / DeepSpeed engine.
@@ -625,21 +575,23 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
     ref = AdapterDisabled(actor) if lora else dist.prepare_frozen(ref, acc, offload=cfg.offload_reference)
     rm_run = rm if online_rm else dist.prepare_frozen(rm, acc, offload=cfg.offload_reward)
     refresher = OnlineRewardRefresher(rm, rm.tokenizer or tokenizer, config) if online_rm else None
-    if "policy_value" in optimizer_states and not deepspeed:
-        optimizer.load_state_dict(optimizer_states["policy_value"])
-    elif progress.step > 0:
-        log.warning("ppo: the checkpoint holds no optimizer state for this setup (DeepSpeed partitions it); "
-                    "the optimizer moments restart")
-    if refresher is not None and "reward_model" in optimizer_states:
-        refresher.optimizer.load_state_dict(optimizer_states["reward_model"])
+    if progress.step > 0:
+        optimizers = {"policy_value": optimizer}
+        if deepspeed:  # the checkpoint holds none: DeepSpeed partitions optimizer states
+            log.warning("ppo: resuming under DeepSpeed restarts the actor/critic optimizer moments")
+            optimizers = {}
+        if refresher is not None:
+            optimizers["reward_model"] = refresher.optimizer
+        load_optimizers(checkpoint, optimizers)
 
     def checkpoint_now() -> None:
         """Collective: the full weights are gathered under ZeRO-3; the main process writes."""
-        states = {} if deepspeed else {"policy_value": optimizer.state_dict()}
+        optimizers = {} if deepspeed else {"policy_value": optimizer}
         if refresher is not None:
-            states["reward_model"] = refresher.optimizer.state_dict()
-        dist.save_full(model, acc, lambda inner: save_checkpoint(
-            checkpoint, inner.policy, inner.value, rm if online_rm else None, states, kl_ctl, progress, fingerprint))
+            optimizers["reward_model"] = refresher.optimizer
+        dist.save_full(model, acc, lambda inner: _save_ppo_checkpoint(
+            checkpoint, inner.policy, inner.value, rm if online_rm else None, optimizers, kl_ctl, progress,
+            fingerprint))
 
     started = time.perf_counter()
     last: dict = {}

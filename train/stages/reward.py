@@ -21,10 +21,8 @@ module before ``prepare`` on every rank; under DeepSpeed the optimizer moments a
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,14 @@ from selfrank.errors import UserError
 from selfrank.ranking.engine import stable_seed
 
 from selfrank.train import dist
-from selfrank.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from selfrank.train.checkpoint import (
+    check_fingerprint,
+    discard_checkpoint,
+    find_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from selfrank.train.config import ExperimentConfig
 from selfrank.train.data.preferences import (
     LOSSES,
@@ -80,23 +85,6 @@ CHECKPOINT_MODEL = "reward_model"
 CHECKPOINT_OPTIMIZER = "adamw"
 
 
-def _checkpoint_state(folder: Path, fingerprint: dict) -> dict | None:
-    """The saved state of a resumable checkpoint, or None; refuses one made with other settings."""
-    found = find_checkpoint(folder)
-    if found is None:
-        return None
-    state = json.loads((found / "state.json").read_text(encoding="utf-8"))
-    if state.get("fingerprint") != fingerprint:
-        raise UserError(f"{folder}: the checkpoint was made with other reward settings or data; "
-                        "run again without resume to start over")
-    return state
-
-
-def _remove_checkpoint(folder: Path) -> None:
-    for path in (folder, folder.with_name(folder.name + ".old"), folder.with_name(folder.name + ".new")):
-        shutil.rmtree(path, ignore_errors=True)
-
-
 # ---- training --------------------------------------------------------------------------------------
 def _fresh_model(config: ExperimentConfig, sft_folder: Path) -> RewardModel:
     backbone = config.reward.backbone
@@ -118,16 +106,6 @@ def fit_normalizer(raw: np.ndarray) -> dict:
     gain = 1.0 / std if std > NORMALIZER_MIN_STD else 1.0
     return {"gain": gain, "bias": -mean * gain, "reference_mean": mean, "reference_std": std,
             "reference_samples": int(raw.size)}
-
-
-class _StateOnly:
-    """A saved state dict posing as a module for ``train.checkpoint`` (the full weights of a sharded model)."""
-
-    def __init__(self, state: dict[str, torch.Tensor]):
-        self._state = state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._state
 
 
 def sharded_score(rm: RewardModel, tokenizer, prompts: list[str], responses: list[str], batch_size: int,
@@ -221,11 +199,13 @@ def train_reward(config: ExperimentConfig, sft_folder: Path, pairs_path: Path, r
         "items": len(items_text), "items_hash": stable_seed(*(p + "\x1e" + "\x1e".join(t) for p, t in items_text)),
     }
 
-    state = _checkpoint_state(checkpoint_folder, fingerprint) if resume else None
-    if state is None:
+    state = read_state(checkpoint_folder) if resume else None
+    if state is not None:
+        check_fingerprint(state, fingerprint, checkpoint_folder, "reward")
+    else:
         if find_checkpoint(checkpoint_folder) is not None:
             log.info("reward: discarding the old checkpoint %s (not resuming)", checkpoint_folder)
-        _remove_checkpoint(checkpoint_folder)
+        discard_checkpoint(checkpoint_folder)
     torch.manual_seed(config.seed)
     rm = _fresh_model(config, sft_folder)
     tokenizer = rm.tokenizer
@@ -236,10 +216,7 @@ def train_reward(config: ExperimentConfig, sft_folder: Path, pairs_path: Path, r
     resumed_from, losses = 0, []
     if state is not None:
         # Into the plain module and torch optimizer, before prepare, on every rank.
-        optimizers = {CHECKPOINT_OPTIMIZER: optimizer} if state.get("optimizer_saved", True) else {}
-        if not optimizers:
-            log.warning("reward: the checkpoint has no optimizer state (saved under DeepSpeed): it restarts")
-        load_checkpoint(checkpoint_folder, models={CHECKPOINT_MODEL: rm}, optimizers=optimizers)
+        load_checkpoint(checkpoint_folder, models={CHECKPOINT_MODEL: rm}, optimizers={CHECKPOINT_OPTIMIZER: optimizer})
         resumed_from, losses = int(state["step"]), [float(x) for x in state["losses"]]
         log.info("reward: resuming from step %d of %d (%s)", resumed_from, total_steps, checkpoint_folder)
     acc = begin_training(1, max(1, cfg.batch_size // dist.world_size()))
@@ -252,9 +229,9 @@ def train_reward(config: ExperimentConfig, sft_folder: Path, pairs_path: Path, r
         weights = dist.full_state_dict(model, acc)
         partitioned = dist.uses_deepspeed(acc)  # a ZeRO optimizer has no full state on one rank
         dist.save_on_main(lambda: save_checkpoint(
-            checkpoint_folder, models={CHECKPOINT_MODEL: _StateOnly(weights)},
+            checkpoint_folder, models={CHECKPOINT_MODEL: weights},
             optimizers={} if partitioned else {CHECKPOINT_OPTIMIZER: optimizer},
-            state={"step": step, "losses": losses, "fingerprint": fingerprint, "optimizer_saved": not partitioned}),
+            state={"step": step, "losses": losses, "fingerprint": fingerprint}),
             acc)
 
     items = [encode_pairs(tokenizer, [prompt] * len(texts), texts, cfg.max_length) for prompt, texts in items_text]
@@ -318,7 +295,7 @@ def train_reward(config: ExperimentConfig, sft_folder: Path, pairs_path: Path, r
     }
     # The normaliser was set on every rank's module (buffers are never sharded); the main process saves.
     dist.save_full(model, acc, lambda m: m.save_pretrained(out_folder))
-    dist.save_on_main(lambda: _remove_checkpoint(checkpoint_folder), acc)
+    dist.save_on_main(lambda: discard_checkpoint(checkpoint_folder), acc)
     end_training(acc)
     summary["seconds"] = round(time.monotonic() - started, 3)
     summary.update(stage_cost(summary["seconds"], acc.num_processes))

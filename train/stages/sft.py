@@ -24,14 +24,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -39,11 +37,19 @@ from selfrank.atomic import write_json
 from selfrank.errors import UserError
 
 from selfrank.train import dist
+from selfrank.train.checkpoint import (
+    check_fingerprint,
+    discard_checkpoint,
+    find_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from selfrank.train.models import peft_methods
 from selfrank.train.config import ExperimentConfig
 from selfrank.train.data.examples import TaskData, prompt_markers
 from selfrank.train.data.tasks import load_task
-from selfrank.train.models.causal_lm import atomic_folder, encode_prompt_response, init_policy, load_model, save_model
+from selfrank.train.models.causal_lm import encode_prompt_response, init_policy, load_model, save_model
 from selfrank.train.rundir import RunDir
 from selfrank.train.signals import stop_if_requested
 from selfrank.train.dist.stage_setup import begin_training, end_training, micro_batches, stage_cost
@@ -119,50 +125,6 @@ def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], optimizer_state: dict | None, scheduler,
-                    step: int, meta: dict) -> None:
-    """Write the trainable ``weights`` (full, unsharded), optimizer and scheduler states and RNG state.
-
-    ``optimizer_state`` is None when the optimizer is partitioned (DeepSpeed): resume then restarts it."""
-    with atomic_folder(folder) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = {"scheduler": scheduler.state_dict(), "rng": rng}
-        if optimizer_state is not None:
-            state["optimizer"] = optimizer_state
-        torch.save(state, tmp / "state.pt")
-        write_json(tmp / "progress.json", {"step": step, **meta})
-
-
-def load_checkpoint(folder: Path, module, optimizer, scheduler, meta: dict) -> int:
-    """Restore a checkpoint written by :func:`save_checkpoint` into the plain (unprepared) ``module``
-    and torch ``optimizer``; returns the step to continue from."""
-    progress = json.loads((folder / "progress.json").read_text())
-    for key, value in meta.items():
-        if progress.get(key) != value:
-            raise UserError(f"{folder}: checkpoint was made with {key}={progress.get(key)!r}, now {value!r}; "
-                            "rerun without resume (or with --force) to start over")
-    weights = load_file(str(folder / "trainable.safetensors"))
-    params = _trainable(module)
-    if set(weights) != set(params):
-        raise UserError(f"{folder}: checkpoint weights do not match the model being trained")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name].to(p.device, p.dtype))
-    state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    else:
-        log.warning("%s: no optimizer state (saved under DeepSpeed): the optimizer restarts", folder)
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(progress["step"])
-
-
 # ----------------------------------------------------------------------------------------------- training
 
 def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method: str, out_folder: Path,
@@ -208,12 +170,19 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
     meta = {"method": method, "steps": steps, "batch_size": sft.batch_size, "seed": config.seed, "examples": n}
     checkpoint = out_folder / CHECKPOINT
     start = 0
-    if resume and (checkpoint / "progress.json").is_file():
-        start = load_checkpoint(checkpoint, module, optimizer, scheduler, meta)
+    state = read_state(checkpoint) if resume else None
+    if state is not None:
+        check_fingerprint(state, meta, checkpoint, f"sft ({method})")
+        load_checkpoint(checkpoint, models={"trainable": _trainable(module)},
+                        optimizers={"scheduler": scheduler, "optimizer": optimizer})
+        start = int(state["step"])
         log.info("sft %s: resuming at step %d/%d", method, start, steps)
         if acc.process_index:  # the checkpoint holds the main process's stream; others keep their own
             torch.manual_seed(dist.per_rank_seed(config.seed + start, acc))
     else:
+        if find_checkpoint(checkpoint) is not None:
+            log.info("sft %s: discarding the old checkpoint %s (not resuming)", method, checkpoint)
+        dist.save_on_main(lambda: discard_checkpoint(checkpoint), acc)
         torch.manual_seed(dist.per_rank_seed(config.seed, acc))
     model_p, optimizer_p = dist.prepare_trainable(acc, module, optimizer, micro_batch_size=max(1, per_rank // sft.grad_accum),
                                                   max_grad_norm=sft.max_grad_norm)
@@ -268,7 +237,7 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
 
     def finish() -> None:
         write_json(summary_path, summary)
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        discard_checkpoint(checkpoint)
 
     dist.save_on_main(finish, acc)
     log.info("sft %s: %d steps, loss %.4f -> %.4f, %d trainable params", method, steps,
@@ -281,9 +250,10 @@ def _save_progress(folder: Path, model, optimizer, scheduler, step: int, meta: d
     names = set(_trainable(dist.unwrap(model, acc)))
     state = dist.full_state_dict(model, acc)
     # A partitioned (DeepSpeed) optimizer has no full state here; a plain torch one is the same on every rank.
-    optimizer_state = None if dist.uses_deepspeed(acc) else optimizer.state_dict()
-    dist.save_on_main(lambda: save_checkpoint(folder, {k: state[k] for k in sorted(names)}, optimizer_state,
-                                              scheduler, step, meta), acc)
+    optimizers = {"scheduler": scheduler} if dist.uses_deepspeed(acc) else {"scheduler": scheduler, "optimizer": optimizer}
+    dist.save_on_main(lambda: save_checkpoint(folder, models={"trainable": {k: state[k] for k in sorted(names)}},
+                                              optimizers=optimizers,
+                                              state={"step": step, "fingerprint": meta}), acc)
 
 
 def _labelled(feature: tuple[list[int], int]) -> int:
