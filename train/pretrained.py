@@ -124,13 +124,13 @@ def resolve_model_source(name: str) -> str:
     """What to load for ``model.name``: the converted folder for a packaged short name or a GGUF file;
     any other name (a local folder, a hub name) unchanged. An existing path wins over a short name."""
     path = Path(name).expanduser()
-    if _is_gguf_name(name) and not path.is_dir():
-        return str(ensure_converted(name))
-    if path.exists():
+    converts = (_is_gguf_name(name) and not path.is_dir()) or (not path.exists() and name.lower() in PACKAGED)
+    if not converts:
         return name
-    if name.lower() in PACKAGED:
+    try:
         return str(ensure_converted(name))
-    return name
+    except UserError as exc:
+        raise UserError(f"model.name: {exc}") from None
 
 
 def ensure_converted(name_or_gguf: str | os.PathLike) -> Path:

@@ -1,7 +1,8 @@
 """GGUF models converted once into a cached save_pretrained folder (train/pretrained.py).
 
 The real SmolLM2-135M-Instruct wheel is part of the set-up. Its conversion (about half a minute) runs
-once per test session, in a temporary cache, by two concurrent command-line processes.
+once per test session, in a temporary cache, by two concurrent command-line processes (after a third
+one was killed in the middle of its conversion).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from train import pretrained
 from train.config import ModelConfig
 from train.generation import generate
 from train.models import PAD_TOKEN, check_model_source, load_causal_lm
+from launch.cli import main as cli_main
+from tests.reliability.helpers import error_lines, kill, wait_for, write_config
 from train.pretrained import CACHE_ENV, MARKER, PACKAGED, ensure_converted, is_valid_cache, resolve_model_source
 
 NAME = "smollm2-135m-instruct"
@@ -37,22 +40,49 @@ def real_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def converted(tmp_path_factory, real_gguf) -> Path:
-    """The session's cache root, filled by two concurrent ``python -m train.pretrained`` processes."""
+def conversion(tmp_path_factory, real_gguf) -> dict:
+    """The session's cache root, filled by two concurrent ``python -m train.pretrained`` processes after
+    a first one was killed in the middle of its conversion; what was seen along the way."""
     root = tmp_path_factory.mktemp("selfrank-cache")
     env = dict(os.environ, **{CACHE_ENV: str(root)}, PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-m", "train.pretrained", NAME], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    command = [sys.executable, "-m", "train.pretrained", NAME]
+    models, target = root / "models", root / "models" / NAME
+
+    def leftovers():
+        return sorted(p.name for p in models.glob(f".{NAME}.tmp-*")) if models.is_dir() else []
+
+    killed = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = wait_for(lambda: bool(leftovers()), killed, timeout=300)
+    kill(killed)
+    seen = {"killed_mid_conversion": started, "after_kill": leftovers(), "target_after_kill": target.exists()}
+
+    procs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
     outputs = [proc.communicate(timeout=600) for proc in procs]
-    for proc, (out, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err
-    folders = {out.strip().splitlines()[-1] for out, _ in outputs}  # the folder is the last line
-    assert folders == {str(root / "models" / NAME)}
-    # The lock lets exactly one of them convert; the other reuses its result.
-    conversions = [line for _, err in outputs for line in err.splitlines() if line.startswith("converting ")]
-    assert len(conversions) == 1, [err[-2000:] for _, err in outputs]
-    yield root
+    seen["returncodes"] = [proc.returncode for proc in procs]
+    seen["stderr"] = [err[-2000:] for _, err in outputs]
+    seen["folders"] = {out.strip().splitlines()[-1] if out.strip() else "" for out, _ in outputs}
+    seen["conversions"] = [line for _, err in outputs for line in err.splitlines() if line.startswith("converting ")]
+    seen["leftovers"] = leftovers()
+    seen["root"] = root
+    yield seen
     shutil.rmtree(root, ignore_errors=True)  # 540 MB of weights
+
+
+@pytest.fixture(scope="session")
+def converted(conversion) -> Path:
+    assert conversion["returncodes"] == [0, 0], conversion["stderr"]
+    assert conversion["folders"] == {str(conversion["root"] / "models" / NAME)}  # the folder is the last line
+    return conversion["root"]
+
+
+def test_a_killed_conversion_leaves_nothing_and_concurrent_callers_convert_once(conversion, converted):
+    assert conversion["killed_mid_conversion"] and conversion["after_kill"]
+    assert not conversion["target_after_kill"]  # no half-written model where loaders look
+    # The lock lets exactly one of the two later processes convert; the other reuses its result.
+    assert len(conversion["conversions"]) == 1, conversion["stderr"]
+    assert conversion["leftovers"] == []  # the killed one's temporary folder was cleared
+    assert is_valid_cache(converted / "models" / NAME, SPEC.sha256)
 
 
 @pytest.fixture
@@ -140,8 +170,20 @@ def test_truncated_gguf_is_one_user_error_and_leaves_nothing(empty_cache, real_g
     not_gguf.write_text("hello")
     with pytest.raises(UserError, match="not a GGUF file"):
         ensure_converted(not_gguf)
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="^model.name: .*missing.gguf: GGUF file not found"):
         resolve_model_source(str(tmp_path / "missing.gguf"))
+
+
+def test_run_with_a_corrupt_gguf_stops_before_writing(empty_cache, real_gguf, tmp_path, capsys):
+    broken = tmp_path / "broken.gguf"
+    with open(real_gguf, "rb") as src:
+        broken.write_bytes(src.read(1_000_000))
+    config = write_config(tmp_path, "bad", **{"model.name": str(broken)})
+    code = cli_main(["sft", str(config)])
+    lines = error_lines(capsys.readouterr().err)
+    assert code == 2 and len(lines) == 1, lines
+    assert "model.name" in lines[0] and str(broken) in lines[0]
+    assert not (tmp_path / "runs").exists()
 
 
 def _fake_wheel(root: Path, size: int) -> Path:
