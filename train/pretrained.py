@@ -223,7 +223,7 @@ def _convert_once(gguf: Path, source_sha256: str, target: Path) -> Path:
         if is_valid_cache(target, source_sha256):
             return target
         _remove_leftovers(target)
-        log.info("converting %s into %s (once; about half a minute on 2 cores)", gguf, target)
+        log.info("converting %s into %s (once; under a minute on 2 cores)", gguf, target)
         try:
             with atomic_folder(target) as tmp:
                 _convert(gguf, Path(tmp), source_sha256)

@@ -19,13 +19,13 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from launch.cli import main as cli_main
 from ranking.errors import UserError
+from tests.reliability.helpers import error_lines, kill, wait_for, write_config
 from train import pretrained
 from train.config import ModelConfig
 from train.generation import generate
 from train.models import PAD_TOKEN, check_model_source, load_causal_lm
-from launch.cli import main as cli_main
-from tests.reliability.helpers import error_lines, kill, wait_for, write_config
 from train.pretrained import CACHE_ENV, MARKER, PACKAGED, ensure_converted, is_valid_cache, resolve_model_source
 
 NAME = "smollm2-135m-instruct"
