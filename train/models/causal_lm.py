@@ -31,6 +31,7 @@ from selfrank.atomic import naming_disk_full
 from selfrank.errors import UserError
 
 from selfrank.train.config import ModelConfig, TinyModelConfig
+from selfrank.train.models.pretrained import resolve_model_source
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +116,13 @@ def _check_local_folder(folder: Path) -> None:
 
 
 def load_causal_lm(name_or_path: str, model_cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a hub name or a local ``save_pretrained`` folder.
+    """Load a causal LM and its tokenizer from a hub name, a local ``save_pretrained`` folder, or a GGUF
+    model (a packaged short name or a ``.gguf`` file, converted once: see ``train/models/pretrained.py``).
 
     Guarantees a pad token distinct from EOS (adding ``PAD_TOKEN`` and growing the embeddings if needed)
     and left padding (decoder-only generation appends at the right).
     """
+    name_or_path = resolve_model_source(name_or_path)
     local = Path(name_or_path).expanduser()
     is_local = local.exists() or name_or_path.startswith((".", "/", "~"))
     if is_local:
@@ -149,17 +152,18 @@ def check_model_source(model_cfg: ModelConfig) -> None:
     run can fail before it writes anything."""
     if model_cfg.name == "tiny":
         return
-    local = Path(model_cfg.name).expanduser()
-    if local.exists() or model_cfg.name.startswith((".", "/", "~")):
+    name = resolve_model_source(model_cfg.name)  # converts a GGUF model once, so the load is quick
+    local = Path(name).expanduser()
+    if local.exists() or name.startswith((".", "/", "~")):
         _check_local_folder(local)
         return
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(model_cfg.name, revision=model_cfg.revision,
+        AutoConfig.from_pretrained(name, revision=model_cfg.revision,
                                    trust_remote_code=model_cfg.trust_remote_code)
     except Exception:  # the full load raises the UserError that explains what to do
-        load_causal_lm(model_cfg.name, model_cfg)
+        load_causal_lm(name, model_cfg)
 
 
 def _ensure_pad(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
