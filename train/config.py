@@ -13,10 +13,22 @@ from selfrank.validate import check_choice, check_range
 TASK_KINDS = ("synthetic", "qa", "dialogue")
 SFT_METHODS = ("full", "lora", "bitfit", "adapter", "none")
 STAGES = ("sft", "sample", "reward", "ppo", "eval")
-# STR variants trained side by side from one sample stage (each gets reward/<v>/ and ppo/<v>/):
-# "str" pairwise RM; "str_noise" pairwise RM with perturbed losers (paper's "+ noise");
-# "str_listwise" Plackett-Luce RM over the whole ranked list; "str_online" RM refreshed from ranked rollouts.
-VARIANTS = ("str", "str_noise", "str_listwise", "str_online")
+
+
+@dataclass(frozen=True)
+class Variant:
+    loss: str  # reward-model loss: "pairwise" -log sigmoid(r_w - r_l) (paper) or "listwise" (Plackett-Luce)
+    use_noise: bool  # train the RM on the perturbed losers (the paper's "+ noise")
+    online_rm: bool  # refresh the RM from ranked rollouts during PPO
+
+
+# STR variants trained side by side from one sample stage (each gets reward/<v>/ and ppo/<v>/).
+VARIANTS = {
+    "str": Variant("pairwise", use_noise=False, online_rm=False),
+    "str_noise": Variant("pairwise", use_noise=True, online_rm=False),
+    "str_listwise": Variant("listwise", use_noise=False, online_rm=False),
+    "str_online": Variant("pairwise", use_noise=False, online_rm=True),
+}
 
 
 @dataclass

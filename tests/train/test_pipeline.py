@@ -6,7 +6,8 @@ import json
 
 from tests.train.helpers import tiny_config
 from selfrank.train.config import SFTConfig
-from selfrank.train.pipeline import eval_rows, run_pipeline
+from selfrank.train.pipeline import run_pipeline
+from selfrank.train.stages.evaluate import eval_rows
 from selfrank.train.rundir import RunDir
 
 

@@ -53,6 +53,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -72,7 +73,9 @@ from selfrank.train.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from selfrank.train.config import ExperimentConfig, PPOConfig
+from selfrank.train.config import VARIANTS, ExperimentConfig, PPOConfig
+from selfrank.train.data.tasks import load_task
+from selfrank.train.dist.ranking_service import ranking_pool
 from selfrank.train.sampling.generation import generate
 from selfrank.train.models.causal_lm import load_model, save_model
 from selfrank.train.models.peft_methods import AdapterDisabled, with_lora
@@ -92,7 +95,10 @@ from selfrank.train.rl.ppo_math import (
 from selfrank.train.models.reward_model import RewardModel, disable_dropout
 from selfrank.train.models.masks import position_ids_from_mask
 from selfrank.train.dist.stage_setup import begin_training, end_training, stage_cost
+from selfrank.train.rundir import RunDir
 from selfrank.train.signals import stop_if_requested
+from selfrank.train.stages.context import StageContext
+from selfrank.train.stages.variants import per_variant
 from selfrank.train.models.policy_value import PolicyAndValue
 from selfrank.train.models.value_model import ValueModel
 from selfrank.train.optim import adamw_groups
@@ -508,7 +514,8 @@ def _peak_memory(accelerator) -> dict:
 
 
 def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, rm_folder: Path, out_folder: Path,
-              *, resume: bool = False, ranking_pool=None, online_rm: bool = False) -> dict:
+              *, resume: bool = False, ranking_pool=None, online_rm: bool = False,
+              log_step: Callable[[dict, int], None] | None = None) -> dict:
     """Run PPO; write ``actor/``, ``critic/``, ``checkpoint/`` and ``log.jsonl`` under ``out_folder``.
 
     ``ranking_pool`` (optional; under a launcher each process's handle on its node's pool) receives
@@ -715,6 +722,8 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
             progress.step = step
             if row is not None:
                 write_log(row)
+                if log_step is not None:
+                    log_step(row, step)
                 last = row
                 bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['objective/kl']:.3f}")
             if step % cfg.save_every == 0 and step < cfg.steps:
@@ -757,3 +766,23 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
              summary["episodes"], progress.seconds, summary["final_reward_mean"], summary["final_kl"],
              progress.skipped)
     return summary
+
+
+def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) -> dict:
+    """The PPO stage: one policy per STR variant (``ppo/<variant>/``), each against its own reward model.
+    Collective: the online variant ranks its rollouts through the node's pool."""
+    sft_model = run.require("sft") / "model"
+    prompts = [ex.prompt for ex in load_task(config.task).train]
+
+    def train_one(variant: str, stage: str) -> dict:
+        rm_folder = run.require(f"reward/{variant}") / "model"
+        log_step = ctx.hooks.stage_log("ppo", f"{variant}/")
+        if not VARIANTS[variant].online_rm:
+            return train_ppo(config, prompts, sft_model, rm_folder, run.stage(stage), resume=resume,
+                             log_step=log_step)
+        with ranking_pool(config.ranking, config.sample.workers, group=ctx.barrier.group, wait=ctx.barrier.wait,
+                          ready=True) as pool:
+            return train_ppo(config, prompts, sft_model, rm_folder, run.stage(stage), resume=resume,
+                             ranking_pool=pool, online_rm=True, log_step=log_step)
+
+    return per_variant(config, run, "ppo", train_one)

@@ -21,6 +21,7 @@ module before ``prepare`` on every rank; under DeepSpeed the optimizer moments a
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -44,7 +45,7 @@ from selfrank.train.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from selfrank.train.config import ExperimentConfig
+from selfrank.train.config import VARIANTS, ExperimentConfig
 from selfrank.train.data.preferences import (
     LOSSES,
     PreferencePair,
@@ -57,7 +58,10 @@ from selfrank.train.data.preferences import (
 from selfrank.train.models.causal_lm import load_causal_lm
 from selfrank.train.models.reward_model import RewardModel, encode_pairs, listwise_scores, pairwise_rewards, score
 from selfrank.train.rl.reward_losses import listwise_loss_sum, pairwise_accuracy, pairwise_loss_sum
+from selfrank.train.rundir import RunDir
 from selfrank.train.signals import stop_if_requested
+from selfrank.train.stages.context import StageContext
+from selfrank.train.stages.variants import per_variant
 from selfrank.train.dist.stage_setup import begin_training, end_training, stage_cost, uneven_shard
 
 log = logging.getLogger(__name__)
@@ -303,3 +307,32 @@ def train_reward(config: ExperimentConfig, sft_folder: Path, pairs_path: Path, r
     log.info("reward (%s%s): %d steps, final loss %.4f, held-out accuracy %s", loss, " + noise" if use_noise else "",
              total_steps, summary["final_loss"], summary["heldout_accuracy"])
     return summary
+
+
+def _reference_samples(ranked_path: Path) -> tuple[list[str], list[str]]:
+    """Every SFT sample of the sample stage: the reference-policy distribution the RM is normalised on."""
+    prompts, responses = [], []
+    with open(ranked_path, encoding="utf-8") as handle:
+        for line in handle:
+            group = json.loads(line)
+            prompts += [group["prompt"]] * len(group["responses"])
+            responses += group["responses"]
+    return prompts, responses
+
+
+def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) -> dict:
+    """The reward stage: one reward model per STR variant (``reward/<variant>/model``). Collective."""
+    sample = run.require("sample")
+    sft_model = run.require("sft") / "model"
+    prompts, responses = _reference_samples(sample / "ranked.jsonl")
+
+    def train_one(variant: str, stage: str) -> dict:
+        settings = VARIANTS[variant]
+        return train_reward(
+            config, sft_model, sample / "pairs.jsonl", sample / "ranked.jsonl", run.stage(stage) / "model",
+            loss=settings.loss, use_noise=settings.use_noise, resume=resume,
+            normalize_prompts=prompts, normalize_responses=responses,
+            log_step=ctx.hooks.stage_log("reward", f"{variant}/"),
+        )
+
+    return per_variant(config, run, "reward", train_one)

@@ -27,6 +27,7 @@ from selfrank.ranking.config import RankingConfig
 from selfrank.train.config import ExperimentConfig
 from selfrank.train.rundir import RunDir
 from selfrank.train.signals import stop_if_requested
+from selfrank.train.stages.context import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,10 @@ def _load_progress(folder: Path) -> dict[str, dict]:
     return done
 
 
-def _noop() -> None:
-    return None
-
-
-def run(config: ExperimentConfig, run: RunDir, resume: bool, *, barrier=None) -> dict | None:
+def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext | None = None) -> dict | None:
     """Sample and rank; collective under a launcher. The summary on the main process, None elsewhere.
 
-    ``barrier``: the pipeline's barrier (``wait()`` and a gloo ``group``), needed with several processes."""
+    ``ctx.barrier`` (``wait()`` and a gloo ``group``) is needed with several processes."""
     from selfrank.ranking.ranker import Ranker
 
     from selfrank.train import dist
@@ -100,8 +97,10 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, *, barrier=None) ->
     from selfrank.train.models.causal_lm import load_model
     from selfrank.train.dist.ranking_service import ranking_pool
 
+    ctx = ctx or StageContext()
+    barrier = ctx.barrier
     rank = dist.rank()
-    wait = barrier.wait if barrier is not None else _noop
+    wait = barrier.wait
     sft_model = run.require("sft") / "model"
     out = run.stage("sample")
     if not resume and dist.is_main():
@@ -141,7 +140,7 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, *, barrier=None) ->
         pool = None
         if config.sample.async_ranking:
             pool = stack.enter_context(ranking_pool(ranking, config.sample.workers,
-                                                    group=getattr(barrier, "group", None), wait=wait))
+                                                    group=barrier.group, wait=wait))
         ranker = None if pool else Ranker(ranking)
         for index, batch in tqdm(batches, desc="sample+rank", unit="batch", disable=not dist.is_main()):
             stop_if_requested("sample", index, None, progress_path)  # the progress files are the checkpoint
@@ -174,7 +173,7 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, *, barrier=None) ->
             pool_stats = pool.stats()
 
     wait()  # every process has written all it ranked
-    group = getattr(barrier, "group", None)
+    group = barrier.group
     failures = dist.gather_lists(failures, group)
     generate_s = sum(dist.gather_lists([generate_s], group))
     if failures:
@@ -204,4 +203,6 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, *, barrier=None) ->
         "ranking": {key: v for key, v in pool_stats.items() if isinstance(v, (int, float))},
     }
     log.info("sample: %d prompts, %d pairs in %.1fs", summary["prompts"], n_pairs, seconds)
+    ctx.hooks.log_table("answers", ordered, "sample")
+    ctx.hooks.log({k: v for k, v in summary.items() if isinstance(v, (int, float))}, 0, "sample")
     return summary

@@ -52,6 +52,7 @@ from selfrank.train.data.tasks import load_task
 from selfrank.train.models.causal_lm import encode_prompt_response, init_policy, load_model, save_model
 from selfrank.train.rundir import RunDir
 from selfrank.train.signals import stop_if_requested
+from selfrank.train.stages.context import StageContext
 from selfrank.train.dist.stage_setup import begin_training, end_training, micro_batches, stage_cost
 
 log = logging.getLogger(__name__)
@@ -276,13 +277,13 @@ def training_texts(data: TaskData) -> list[str]:
     return [f"{ex.prompt} {ex.target}" for ex in data.train]
 
 
-def run(config: ExperimentConfig, run: RunDir, resume: bool,
-        log_step: Callable[[dict, int], None] | None = None) -> dict:
+def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext | None = None) -> dict:
     """The SFT stage: save the untrained policy, then train the main method and each baseline.
 
     Collective under a launcher: the main process builds and saves the untrained policy, every rank
-    loads it. ``log_step(metrics, step)`` gets the main method's metrics as ``loss``/``lr`` and a
-    baseline's as ``<method>/loss``/``<method>/lr``."""
+    loads it. The main method's metrics are logged as ``loss``/``lr``, a baseline's as
+    ``<method>/loss``/``<method>/lr``."""
+    log_step = (ctx or StageContext()).hooks.stage_log("sft")
     stage = run.stage("sft")
     data = load_task(config.task)
     original = stage / "original"
