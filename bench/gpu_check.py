@@ -42,7 +42,7 @@ def make_config(out: Path, tiny: bool, embedder: str) -> ExperimentConfig:
     config.sft.max_steps = 4 if tiny else 40
     config.sft.block_size = 64
     config.sample.max_prompts = 8 * scale
-    config.sample.k = 4
+    config.sample.samples_per_prompt = 4
     config.sample.batch_size = 8 * scale
     config.sample.max_new_tokens = 16 if tiny else 32
     config.reward.batch_size = 8 * scale

@@ -46,6 +46,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
 MOVED_SETTINGS = {
     "reward.loss": "the reward loss follows the variant (str: pairwise; list str_listwise in variants for "
                    "the listwise loss)",
+    "sample.k": "renamed sample.samples_per_prompt (one name for answers per prompt in sample, ppo and eval)",
 }
 
 

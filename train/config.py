@@ -170,7 +170,7 @@ class SFTConfig:
 
 @dataclass
 class SampleConfig:
-    k: int = 8  # samples per prompt (paper: not given; its human study used 4)
+    samples_per_prompt: int = 8  # K, answers per prompt (paper: not given; its human study used 4)
     temperature: float = 0.8  # paper
     top_p: float = 0.95  # paper
     max_new_tokens: int = 64  # paper: < 100
@@ -181,7 +181,7 @@ class SampleConfig:
     async_ranking: bool = True
 
     def __post_init__(self):
-        check_range("sample.k", self.k, 2)
+        check_range("sample.samples_per_prompt", self.samples_per_prompt, 2)
         check_range("sample.temperature", self.temperature, 0.0, low_open=True)
         check_range("sample.top_p", self.top_p, 0.0, 1.0, low_open=True)
         check_range("sample.max_new_tokens", self.max_new_tokens, 1, 99)
@@ -360,7 +360,8 @@ class ExperimentConfig:
             raise UserError("ppo.samples_per_prompt: must be >= 2 for the online reward-model variant (str_online): "
                             "it ranks each prompt's rollout answers against each other")
         interval = self.ranking.pairs.interval
-        if interval is not None and interval >= self.sample.k:
-            raise UserError(f"ranking.pairs.interval: IL must be < sample.k ({self.sample.k}), got {interval}")
+        if interval is not None and interval >= self.sample.samples_per_prompt:
+            raise UserError(f"ranking.pairs.interval: IL must be < sample.samples_per_prompt "
+                            f"({self.sample.samples_per_prompt}), got {interval}")
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name):
             raise UserError(f"name: letters, digits, '.', '_' and '-' only (it names the run folder); got {self.name!r}")

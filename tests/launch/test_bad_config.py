@@ -13,15 +13,15 @@ from selfrank.launch.cli import main
 
 # (case id, YAML text, a fragment the one-line error must contain)
 CONFIG_CASES = [
-    ("unknown-top-key", "sampel: {k: 4}\n", "did you mean 'sample'"),
+    ("unknown-top-key", "sampel: {samples_per_prompt: 4}\n", "did you mean 'sample'"),
     ("unknown-nested-key", "ppo: {stepz: 3}\n", "did you mean 'steps'"),
     ("unknown-deep-key", "ranking: {textrank: {dampng: 0.8}}\n", "ranking.textrank.dampng"),
-    ("wrong-type-int", "sample: {k: eight}\n", "sample.k"),
+    ("wrong-type-int", "sample: {samples_per_prompt: eight}\n", "sample.samples_per_prompt"),
     ("wrong-type-bool", "sample: {async_ranking: maybe}\n", "sample.async_ranking"),
     ("wrong-type-section", "ppo: 3\n", "ppo"),
     ("wrong-type-list", "variants: str\n", "variants"),
-    ("k-below-2", "sample: {k: 1}\n", "sample.k"),
-    ("interval-ge-k", "sample: {k: 4}\nranking: {pairs: {interval: 4}}\n", "ranking.pairs.interval"),
+    ("k-below-2", "sample: {samples_per_prompt: 1}\n", "sample.samples_per_prompt"),
+    ("interval-ge-k", "sample: {samples_per_prompt: 4}\nranking: {pairs: {interval: 4}}\n", "ranking.pairs.interval"),
     ("interval-zero", "ranking: {pairs: {interval: 0}}\n", "ranking.pairs.interval"),
     ("top-p-zero", "sample: {top_p: 0}\n", "sample.top_p"),
     ("top-p-above-1", "sample: {top_p: 1.5}\n", "sample.top_p"),
@@ -51,12 +51,13 @@ CONFIG_CASES = [
     ("name-escapes", "name: ../../etc\n", "name"),
     ("reward-loss", "reward: {loss: hinge}\n", "reward.loss"),
     ("reward-loss-is-the-variant", "reward: {loss: listwise}\n", "str_listwise in variants"),
+    ("sample-k-renamed", "sample: {k: 4}\n", "renamed sample.samples_per_prompt"),
     ("nan-policy", "ppo: {nan_policy: ignore}\n", "ppo.nan_policy"),
     ("rollout-logprobs", "ppo: {rollout_logprobs: cached}\n", "ppo.rollout_logprobs"),
     ("eval-samples-zero", "eval: {samples_per_prompt: 0}\n", "eval.samples_per_prompt"),
     ("eval-greedy-several", "eval: {do_sample: false, samples_per_prompt: 4}\n", "eval.samples_per_prompt"),
     ("baseline-steps", "sft: {baseline_max_steps: 0}\n", "sft.baseline_max_steps"),
-    ("yaml-syntax", "sample: {k: 4\n", "config.yaml"),
+    ("yaml-syntax", "sample: {samples_per_prompt: 4\n", "config.yaml"),
     ("yaml-top-list", "- a\n- b\n", "top level"),
 ]
 
@@ -89,7 +90,7 @@ ARG_CASES = [
     ("missing-config", ["run", "nope.yaml"], "nope.yaml: config file not found"),
     ("override-without-equals", ["run", "CFG", "--set", "ppo.steps"], "expected KEY=VALUE"),
     ("override-unknown-key", ["run", "CFG", "--set", "ppo.stpes=3"], "did you mean 'steps'"),
-    ("override-bad-value", ["run", "CFG", "--set", "sample.k=0"], "sample.k"),
+    ("override-bad-value", ["run", "CFG", "--set", "sample.samples_per_prompt=0"], "sample.samples_per_prompt"),
     ("stage-order", ["reward", "CFG"], "needs stage 'sft' first"),
     ("rank-workers-zero", ["rank", "--input", "in.jsonl", "--output", "out.jsonl", "--workers", "0"], "--workers"),
     ("rank-missing-input", ["rank", "--input", "in.jsonl", "--output", "out.jsonl"], "in.jsonl"),

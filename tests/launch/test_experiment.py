@@ -9,7 +9,7 @@ from selfrank.launch.experiment import AgreementSweepConfig, GridConfig, run_gri
 def test_grid_smoke_on_real_squad(tmp_path, repo_root, shared_data, monkeypatch):
     monkeypatch.chdir(repo_root)  # the task configs name ../shared/data relative to the repository
     tiny = ["task.max_train=48", "task.max_validation=8", "task.max_test=12", "sft.max_steps=3",
-            "sft.batch_size=8", "sft.baselines=[bitfit]", "sample.max_prompts=6", "sample.k=4",
+            "sft.batch_size=8", "sft.baselines=[bitfit]", "sample.max_prompts=6", "sample.samples_per_prompt=4",
             "sample.async_ranking=false", "ranking.embedder.name=lexical", "reward.max_steps=3",
             "reward.batch_size=4", "ppo.steps=2", "ppo.batch_size=4", "ppo.max_new_tokens=6",
             "eval.max_examples=12", "eval.max_new_tokens=6", "eval.bootstrap=50", "eval.agreement_groups=4",

@@ -27,7 +27,7 @@ def write_config(folder: Path, name: str, **changes) -> Path:
     """A tiny experiment as YAML: the test sizes, one variant, checkpoints often enough to kill between."""
     config = tiny_config(folder / "runs", name=name,
                          sft=SFTConfig(lr=1e-3, batch_size=8, max_steps=12, block_size=64, save_every=3),
-                         sample=SampleConfig(k=4, max_new_tokens=8, max_prompts=16, batch_size=4, async_ranking=False),
+                         sample=SampleConfig(samples_per_prompt=4, max_new_tokens=8, max_prompts=16, batch_size=4, async_ranking=False),
                          ranking=RankingConfig(embedder=EmbedderConfig(name="lexical", lexical_dim=256)),
                          reward=RewardConfig(batch_size=4, max_steps=4, max_length=64, save_every=2),
                          ppo=PPOConfig(steps=2, batch_size=4, minibatches=2, ppo_epochs=1, max_new_tokens=8,

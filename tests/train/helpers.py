@@ -22,7 +22,7 @@ def tiny_config(tmp_path: Path | None = None, name: str = "test", **overrides) -
         task=TaskConfig(kind="synthetic", synthetic=SyntheticTaskConfig(n_train=64, n_validation=16, n_test=16)),
         model=ModelConfig(name="tiny", tiny=TINY_MODEL),
         sft=SFTConfig(lr=1e-3, batch_size=8, max_steps=6, block_size=64, save_every=3),
-        sample=SampleConfig(k=4, max_new_tokens=8, max_prompts=8, batch_size=4, async_ranking=False),
+        sample=SampleConfig(samples_per_prompt=4, max_new_tokens=8, max_prompts=8, batch_size=4, async_ranking=False),
         ranking=RankingConfig(embedder=EmbedderConfig(name="lexical", lexical_dim=256)),
         reward=RewardConfig(batch_size=4, max_steps=4, max_length=64),
         ppo=PPOConfig(steps=2, batch_size=4, minibatches=2, ppo_epochs=1, max_new_tokens=8, save_every=1),

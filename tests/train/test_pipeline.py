@@ -24,7 +24,7 @@ def test_full_pipeline_writes_every_stage_and_skips_complete_ones(tmp_path, caps
     assert (run.root / "sft" / "baselines" / "bitfit" / "model" / "model.safetensors").is_file()
     ranked = [json.loads(line) for line in (run.root / "sample" / "ranked.jsonl").read_text().splitlines()]
     assert len(ranked) == config.sample.max_prompts
-    assert all(len(group["responses"]) == config.sample.k for group in ranked)
+    assert all(len(group["responses"]) == config.sample.samples_per_prompt for group in ranked)
     pairs = (run.root / "sample" / "pairs.jsonl").read_text().splitlines()
     assert len(pairs) == summaries["sample"]["pairs"]
     assert (run.root / "ppo" / "str" / "actor" / "model.safetensors").is_file()
@@ -49,7 +49,7 @@ def test_a_completed_stage_whose_settings_changed_is_redone(tmp_path):
     run_pipeline(dataclasses.replace(config, eval=dataclasses.replace(config.eval, max_new_tokens=5)), ["sft", "sample"])
     assert (run.root / "sample" / "DONE.json").stat().st_mtime_ns == sample_stamp
     # A new K changes what sample writes: it is redone, sft is kept.
-    changed = dataclasses.replace(config, sample=dataclasses.replace(config.sample, k=3))
+    changed = dataclasses.replace(config, sample=dataclasses.replace(config.sample, samples_per_prompt=3))
     run_pipeline(changed, ["sft", "sample"])
     assert (run.root / "sft" / "DONE.json").stat().st_mtime_ns == sft_stamp
     assert (run.root / "sample" / "DONE.json").stat().st_mtime_ns != sample_stamp

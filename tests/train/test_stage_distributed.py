@@ -173,7 +173,7 @@ def test_selfrank_run_under_accelerate_with_two_processes_and_wandb(tmp_path):
     table_ref = next(r for r in rows if "sample/answers/path" in r)
     table = json.loads((wandb_file.parent / "files" / table_ref["sample/answers/path"]).read_text())
     assert "textrank_score" in table["columns"] and "role" in table["columns"]
-    assert len(table["data"]) == config.sample.max_prompts * config.sample.k
+    assert len(table["data"]) == config.sample.max_prompts * config.sample.samples_per_prompt
     assert {row[table["columns"].index("role")] for row in table["data"]} & {"winner", "loser", "both"}
     artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     assert any(a.name == "eval-report" and "report.md" in [c.path for c in a.manifest.contents] for a in artifacts)

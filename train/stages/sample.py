@@ -117,7 +117,7 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext |
     examples = data.train[: config.sample.max_prompts] if config.sample.max_prompts else data.train
     model, tokenizer = load_model(sft_model, config.model)
     ranking = ranking_config_for(config)
-    k, size = config.sample.k, config.sample.batch_size
+    k, size = config.sample.samples_per_prompt, config.sample.batch_size
     batches = dist.round_robin([examples[start:start + size] for start in range(0, len(examples), size)])
 
     started = time.perf_counter()
