@@ -39,3 +39,18 @@ def read_jsonl(path: str | os.PathLike, max_line_bytes: int = 16 * 1024 * 1024) 
             yield number, obj
     if seen == 0:
         raise UserError(f"{path}: no rows (the file is empty)")
+
+
+def read_appended_rows(path: str | os.PathLike) -> Iterator[dict]:
+    """The rows of a file this project appends to while it works (progress files, the PPO log), up to a
+    torn last line: a kill mid-write leaves one partial line, and everything before it is intact.
+    A missing file has no rows."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                return

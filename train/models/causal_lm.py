@@ -29,6 +29,7 @@ from transformers import (
 
 from selfrank.atomic import naming_disk_full
 from selfrank.errors import UserError
+from selfrank.logs import quieter
 
 from selfrank.train.config import ModelConfig, TinyModelConfig
 from selfrank.train.models.pretrained import resolve_model_source
@@ -247,23 +248,12 @@ def load_model(folder: Path, model_cfg: ModelConfig | None = None) -> tuple[PreT
     cfg = model_cfg or ModelConfig()
     # Settings of the folder itself, not of the hub model it may have started from.
     cfg = ModelConfig(name=str(folder), tiny=cfg.tiny, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
-    with _quiet_unexpected_keys():
+    # from_pretrained reports unexpected keys at warning level; adapter folders never contain any, but
+    # some configs (tied heads) produce noise we do not want in every stage's log.
+    with quieter("transformers.modeling_utils", logging.ERROR):
         model, tokenizer = load_causal_lm(str(folder), cfg)
     peft_methods.load_adapters_if_any(model, folder)
     return model, tokenizer
-
-
-@contextlib.contextmanager
-def _quiet_unexpected_keys():
-    # from_pretrained reports unexpected keys at warning level; adapter folders never contain any, but
-    # some configs (tied heads) produce noise we do not want in every stage's log.
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def encode_prompt_response(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int,

@@ -25,7 +25,6 @@ prints the folder.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import fcntl
 import hashlib
@@ -40,6 +39,7 @@ from pathlib import Path
 
 from selfrank.atomic import write_json
 from selfrank.errors import UserError
+from selfrank.logs import quieter
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def _load_gguf(gguf: Path):
     if importlib.util.find_spec("gguf") is None:
         raise UserError("reading GGUF files needs the gguf package: pip install gguf==0.19.0")
     try:
-        with _quiet_transformers():
+        with quieter("transformers", logging.WARNING):  # per-tensor de-quantisation notices
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # a foreign file: report, with the reader's own words, in one line
@@ -299,18 +299,6 @@ def _load_gguf(gguf: Path):
         raise UserError(f"{gguf}: cannot load it as a causal LM ({type(exc).__name__}: {first}); the file is "
                         f"truncated, corrupt or of an unsupported architecture") from None
     return tokenizer, model
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    # The GGUF loader logs per-tensor de-quantisation progress at info level.
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 # ---- command line -----------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from selfrank.atomic import write_jsonl
+from selfrank.jsonl import read_appended_rows
 from selfrank.ranking.engine import stable_seed
 from selfrank.errors import UserError
 
@@ -469,16 +470,8 @@ def _load_ppo_checkpoint(folder: Path, actor, critic, rm: RewardModel | None, kl
 
 def _restart_log(path: Path, keep_until_step: int) -> None:
     """Keep the log lines of the steps the checkpoint holds, drop later ones (they will be redone)."""
-    rows = []
-    if keep_until_step > 0 and path.is_file():
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a torn last line from a kill
-                if row.get("step", math.inf) <= keep_until_step:
-                    rows.append(row)
+    rows = ([row for row in read_appended_rows(path) if row.get("step", math.inf) <= keep_until_step]
+            if keep_until_step > 0 else [])
     write_jsonl(path, rows)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from selfrank.atomic import write_jsonl
+from selfrank.jsonl import read_appended_rows
 from selfrank.ranking.config import RankingConfig
 
 from selfrank.train.config import ExperimentConfig
@@ -64,17 +65,7 @@ def pair_rows(group: dict) -> list[dict]:
 
 def _read_progress(path: Path) -> dict[str, dict]:
     """The groups in one progress file, up to a torn last line (a kill mid-write)."""
-    done: dict[str, dict] = {}
-    if not path.is_file():
-        return done
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                group = json.loads(line)
-            except json.JSONDecodeError:
-                break  # everything before a torn line is intact
-            done[group["id"]] = group
-    return done
+    return {group["id"]: group for group in read_appended_rows(path)}
 
 
 def _load_progress(folder: Path) -> dict[str, dict]:
