@@ -13,7 +13,8 @@ from selfrank.train.sampling.generation import generate
 from selfrank.train.models.causal_lm import build_tiny_model, load_model, save_model, train_bpe_tokenizer
 from selfrank.train.models.policy_value import PolicyAndValue
 import selfrank.train.stages.ppo as ppo_module
-from selfrank.train.stages.ppo import NonFiniteError, collect_rollout, row_seeds, train_ppo
+from selfrank.train.rl.rollout import collect_rollout, row_seeds
+from selfrank.train.stages.ppo import NonFiniteError, train_ppo
 from selfrank.train.checkpoint import read_state
 from selfrank.train.rl.reward_losses import pairwise_loss
 from selfrank.train.models.reward_model import RewardModel, encode_pairs, pad_batch
@@ -163,7 +164,7 @@ def test_auto_rollout_logprobs_recompute_under_autocast_or_half_weights(world):
     weights and no autocast. (The accelerator stand-in carries the one attribute that is read.)"""
     from types import SimpleNamespace
 
-    from selfrank.train.stages.ppo import logprobs_at_sampling
+    from selfrank.train.rl.rollout import logprobs_at_sampling
 
     actor, _ = load_model(world["sft"])
     model = PolicyAndValue(actor, ValueModel.from_reward_model(RewardModel.from_pretrained(world["rm"])))
@@ -198,7 +199,7 @@ def test_row_seeded_sampling_does_not_depend_on_the_batch(world):
 def test_row_seeded_sampler_draws_from_the_tempered_nucleus():
     """Per-row streams, the frequencies of softmax(logits / T) cut to the top-p nucleus, and greedy
     generate() taking exactly the one token the sampler leaves."""
-    from selfrank.train.stages.ppo import RowSeededSampler
+    from selfrank.train.sampling.row_sampler import RowSeededSampler
 
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
     rows = 4000
@@ -220,7 +221,7 @@ def test_row_seeded_sampler_draws_from_the_tempered_nucleus():
 def test_row_seeded_sampler_uses_each_rows_stream_in_order_across_blocks():
     """Step t of row i uses the t-th uniform of generator seeds[i], also past a block of pre-drawn
     uniforms, and the recorded log-prob is that of the picked token under softmax(logits / T)."""
-    from selfrank.train.stages.ppo import RowSeededSampler
+    from selfrank.train.sampling.row_sampler import RowSeededSampler
 
     seeds, steps, vocab = [3, 8], RowSeededSampler.BLOCK + 9, 50
     logits = torch.randn(steps, 2, vocab, generator=torch.Generator().manual_seed(0))

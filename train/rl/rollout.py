@@ -1,0 +1,181 @@
+"""PPO rollouts: sample a batch of answers, score them, and gather every process's share.
+
+``collect_rollout`` samples ``ppo.samples_per_prompt`` answers for each of this process's prompts (each
+answer seeded by its place in the global batch, :func:`row_seeds`), then, without gradients, computes
+the reference's log-probs, the reward model's score and the critic's values; ``gather_rollout`` joins
+the shares in rank order, so every process holds the global batch, laid out as a one-process run's.
+``response_forward`` is the one forward the update repeats (actor logits and critic values).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessorList
+
+from selfrank.ranking.engine import stable_seed
+from selfrank.train import dist
+from selfrank.train.config import PPOConfig
+from selfrank.train.models.masks import position_ids_from_mask
+from selfrank.train.rl.ppo_math import entropy_from_logits, logprobs_from_logits
+from selfrank.train.sampling.generation import generate
+from selfrank.train.sampling.row_sampler import RowSeededSampler
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes, everything on the response positions ``(B, R)`` unless noted."""
+    input_ids: torch.Tensor  # (B, P + R) left-padded query + right-padded response
+    attention_mask: torch.Tensor  # (B, P + R)
+    response_ids: torch.Tensor
+    mask: torch.Tensor  # 1 on real response tokens (the EOS included)
+    ended: torch.Tensor  # (B,) the answer ended with EOS
+    logp: torch.Tensor  # actor log-probs at sampling time (at the sampling temperature)
+    ref_logp: torch.Tensor  # reference log-probs (same temperature)
+    values: torch.Tensor  # critic values of the state before each response token
+    raw_score: torch.Tensor  # (B,) RM output
+    score: torch.Tensor  # (B,) normalised RM score
+    entropy: torch.Tensor  # (B,) sum over each answer's tokens of the sampling distribution's entropy
+    texts: list[str]
+
+    @property
+    def query_length(self) -> int:
+        return self.input_ids.shape[1] - self.response_ids.shape[1]
+
+    @property
+    def mean_entropy(self) -> float:
+        """Mean per-token entropy of the sampling distribution over the batch's real tokens."""
+        return float(self.entropy.sum() / self.mask.sum().clamp_min(1))
+
+
+def row_seeds(seed: int, step: int, start: int, end: int, samples_per_prompt: int) -> list[int]:
+    """One sampling seed per answer of prompts ``start..end-1`` of the step's global batch."""
+    return [stable_seed("ppo-sample", seed, step, b, j) for b in range(start, end) for j in range(samples_per_prompt)]
+
+
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
+    """Logits predicting each response token, ``(B, R, V)``.
+
+    Trick (speed): the last token is never an input (nothing is predicted after it), and only the R
+    positions that predict response tokens go through the LM head (``logits_to_keep``); the prompt's
+    positions would cost as much vocabulary projection again for nothing. Positions come from the mask
+    so that left padding does not shift them (the same position ids ``generate`` used while sampling).
+    """
+    out = model(**_shifted_inputs(input_ids, attention_mask, response_length))
+    return out.logits
+
+
+def _shifted_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> dict:
+    input_ids, attention_mask = input_ids[:, :-1], attention_mask[:, :-1]
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "position_ids": position_ids_from_mask(attention_mask), "use_cache": False,
+            "logits_to_keep": response_length}
+
+
+def response_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     response_length: int, values_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Actor logits ``(B, R, V)`` and critic values ``(B, R)`` for the response positions, in ONE call of
+    the (prepared) ``PolicyAndValue`` module: DDP and DeepSpeed only see calls of the wrapped module.
+    The critic reads the same inputs (the last token is not an input either). ``values_only``: the
+    actor does not run and the logits are None (no-gradient rollouts only)."""
+    logits, values = model(**_shifted_inputs(input_ids, attention_mask, response_length), values_only=values_only)
+    return logits, values[:, -response_length:]
+
+
+def logprobs_at_sampling(cfg: PPOConfig, model, accelerator) -> bool:
+    """Whether the rollout keeps the sampler's log-probs (``ppo.rollout_logprobs``) instead of a forward.
+
+    ``auto``: yes for fp32 weights without autocast. Why not otherwise: ``generate`` runs the bare
+    actor, while the update's forward may run under accelerate's autocast or in half precision, and
+    then the two differ by far more than round-off, so the first ratio would not start at 1."""
+    if cfg.rollout_logprobs != "auto":
+        return cfg.rollout_logprobs == "sampling"
+    policy = dist.unwrap(model, accelerator).policy
+    return (getattr(accelerator, "mixed_precision", "no") == "no"
+            and next(policy.parameters()).dtype == torch.float32)
+
+
+@torch.no_grad()
+def collect_rollout(model, ref, rm, tokenizer, prompts: list[str], cfg: PPOConfig, seeds: list[int],
+                    accelerator=None) -> Rollout:
+    """Sample and score this process's share of a batch (no gradients anywhere).
+
+    ``model`` is the (prepared) ``PolicyAndValue``; ``ref`` and ``rm`` the (prepared) frozen models;
+    ``seeds`` one sampling seed per answer (:func:`row_seeds`). Collective under a launcher."""
+    acc = accelerator if accelerator is not None else dist.get_accelerator()
+    k = cfg.samples_per_prompt
+    gather = cfg.gather_for_generation
+    from_sampling = logprobs_at_sampling(cfg, model, acc)
+    sampler = RowSeededSampler(seeds, cfg.temperature, cfg.top_p, record=from_sampling)
+    with dist.gathered_for_generation(model, acc, gather=gather) as inner:
+        gen = generate(inner.policy, tokenizer, prompts, n=k, do_sample=False, max_new_tokens=cfg.max_new_tokens,
+                       batch_size=max(1, len(prompts) * k),
+                       generate_kwargs={"logits_processor": LogitsProcessorList([sampler]),
+                                        **dist.generation_kwargs(model, acc, gather=gather)})
+    device = acc.device
+    response_ids = gen.response_ids.to(device)
+    mask = gen.response_mask.to(device)
+    input_ids = torch.cat([gen.query_ids.to(device), response_ids], dim=1)
+    attention_mask = torch.cat([gen.query_mask.to(device), mask], dim=1)
+    length = response_ids.shape[1]
+
+    if from_sampling:
+        # Trick (speed): the log-probs the sampler saw while drawing, so the actor runs no second forward
+        # over the batch; they differ from the update's forward only by float round-off (cached keys).
+        logp, token_entropy = (t.to(device) for t in sampler.recorded(length))
+        logp = logp.masked_fill(mask == 0, 0.0)
+        _, values = response_forward(model, input_ids, attention_mask, length, values_only=True)
+    else:
+        # Log-probs recomputed by a plain forward at the sampling temperature (logits / T), the same
+        # computation the update will repeat, so the first ratio is exactly 1 (no generate-vs-forward drift).
+        logits, values = response_forward(model, input_ids, attention_mask, length)
+        logits = logits.float() / cfg.temperature
+        logp = logprobs_from_logits(logits, response_ids)
+        token_entropy = entropy_from_logits(logits)
+        del logits
+    entropy = (token_entropy * mask).sum(1)
+    ref_logp = logprobs_from_logits(response_logits(ref, input_ids, attention_mask, length), response_ids,
+                                    cfg.temperature)
+    # The RM reads the last real token: the EOS when the answer ended, as in its training texts.
+    raw = rm(input_ids, attention_mask)
+    score = dist.unwrap(rm, acc).normalized(raw)
+    return Rollout(input_ids=input_ids, attention_mask=attention_mask, response_ids=response_ids, mask=mask,
+                   ended=gen.ended.to(device), logp=logp, ref_logp=ref_logp, values=values.float(),
+                   raw_score=raw.float(), score=score.float(), entropy=entropy, texts=gen.texts)
+
+
+def _pad_to(tensor: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+    missing = width - tensor.shape[1]
+    if missing <= 0:
+        return tensor
+    pad = torch.full((tensor.shape[0], missing), value, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([pad, tensor] if left else [tensor, pad], dim=1)
+
+
+def gather_rollout(local: Rollout, accelerator, pad_id: int) -> Rollout:
+    """All processes' rollouts concatenated in rank order (the global batch's order). Collective.
+
+    Queries are left-padded and responses right-padded to the widest across processes, the layout a
+    one-process run over the whole batch has. Identity on one process."""
+    acc = accelerator
+    if acc.num_processes == 1:
+        return local
+    query_len = local.query_length
+    widths = torch.tensor([query_len, local.response_ids.shape[1]], device=acc.device)
+    query_width, response_width = (int(w) for w in acc.gather(widths.unsqueeze(0)).max(0).values)
+
+    def whole(tensor: torch.Tensor) -> torch.Tensor:
+        return acc.gather(tensor.contiguous())
+
+    query_ids = _pad_to(local.input_ids[:, :query_len], query_width, pad_id, left=True)
+    query_mask = _pad_to(local.attention_mask[:, :query_len], query_width, 0, left=True)
+    response = {name: _pad_to(getattr(local, name), response_width, value, left=False)
+                for name, value in (("response_ids", pad_id), ("mask", 0), ("logp", 0.0), ("ref_logp", 0.0),
+                                    ("values", 0.0))}
+    response_ids, mask = whole(response["response_ids"]), whole(response["mask"])
+    return Rollout(input_ids=torch.cat([whole(query_ids), response_ids], dim=1),
+                   attention_mask=torch.cat([whole(query_mask), mask], dim=1), response_ids=response_ids,
+                   mask=mask, ended=whole(local.ended), logp=whole(response["logp"]),
+                   ref_logp=whole(response["ref_logp"]), values=whole(response["values"]),
+                   raw_score=whole(local.raw_score), score=whole(local.score), entropy=whole(local.entropy),
+                   texts=dist.gather_lists(local.texts))
