@@ -78,9 +78,10 @@ class NodePoolServer:
                 conn.close()
                 return
             number = next(self._numbers)
+            send_lock = threading.Lock()
             with self._lock:
-                self._clients[number] = (conn, threading.Lock())
-            threading.Thread(target=self._serve, args=(number, conn), name=f"node-pool-client-{number}",
+                self._clients[number] = (conn, send_lock)
+            threading.Thread(target=self._serve, args=(number, conn, send_lock), name=f"node-pool-client-{number}",
                              daemon=True).start()
 
     def _send(self, number: int, message: tuple) -> None:
@@ -96,12 +97,24 @@ class NodePoolServer:
             self._drop(number)
 
     def _drop(self, number: int) -> None:
+        """Stop serving a client: its socket is shut down, which ends its serving thread's ``recv``;
+        that thread closes the connection (closing it under a reading thread is not safe)."""
         with self._lock:
             entry = self._clients.pop(number, None)
         if entry is not None:
-            _hang_up(entry[0])
+            _shut_down(entry[0])
 
-    def _serve(self, number: int, conn) -> None:
+    def _serve(self, number: int, conn, send_lock: threading.Lock) -> None:
+        """Serve one client until it leaves or is dropped, then close its connection (this thread
+        owns it; a send still in progress on another thread finishes first)."""
+        try:
+            self._serve_requests(number, conn)
+        finally:
+            self._drop(number)
+            with send_lock:
+                conn.close()
+
+    def _serve_requests(self, number: int, conn) -> None:
         """Read one client's requests; pool.submit blocks while the pool is full (backpressure)."""
         while not self._closed.is_set():
             try:
@@ -122,7 +135,6 @@ class NodePoolServer:
                 self._send(number, ("stats", self.pool.stats()))
             elif kind == "close":
                 break
-        self._drop(number)
 
     def _route(self) -> None:
         """Hand each finished group to the client that submitted it."""
@@ -173,13 +185,12 @@ class NodePoolServer:
         self.close()
 
 
-def _hang_up(conn) -> None:
-    """Shut the socket down, then close it: a bare close() does not wake a thread blocked in recv()
-    on it (here or at the other end)."""
+def _shut_down(conn) -> None:
+    """Shut the socket down: this wakes a thread blocked in recv() on it (here or at the other end),
+    which a bare close() does not."""
     with contextlib.suppress(OSError, ValueError):
         with socket.socket(fileno=os.dup(conn.fileno())) as sock:  # shutdown acts on the socket, not the fd
             sock.shutdown(socket.SHUT_RDWR)
-    conn.close()
 
 
 class NodePoolClient:
@@ -312,8 +323,10 @@ class NodePoolClient:
                 self._conn.send(("close",))
         except (OSError, ValueError):
             pass
-        _hang_up(self._conn)
+        _shut_down(self._conn)  # ends the reader's recv(); then the connection is ours alone to close
         self._reader.join(timeout=5)
+        with self._send_lock:
+            self._conn.close()
 
     def __enter__(self) -> "NodePoolClient":
         return self

@@ -8,10 +8,11 @@ Layout (chosen for robustness, not just speed):
   ``batch_groups`` groups to an idle worker and waits on all pipes and process sentinels with
   ``multiprocessing.connection.wait``. There is deliberately no shared ``multiprocessing.Queue``: a
   worker killed while holding its lock would wedge every other worker.
-* A worker that dies is seen through its sentinel and replaced; the groups it held are retried,
-  alone, so that one poison group cannot take innocent ones down with it. A group that has killed
-  ``max_retries + 1`` workers is reported as failed. Results are keyed by submission, so a group is
-  reported exactly once even if a late answer for it turns up.
+* A worker that dies is seen through its sentinel and replaced. The groups it held are ranked
+  again, each alone, so that a poison group cannot take innocent ones down with it; a group is
+  reported as failed only once workers have died ``max_solo_deaths`` times while holding it alone
+  (the rule is in ``pool_isolation``). Results are keyed by submission, so a group is reported
+  exactly once, in submit order from ``drain``, even if a late answer for it turns up.
 * A group that raises (bad input, numerical error) comes back as a failed ``PoolResult`` with its
   error; the pool itself keeps going.
 * ``submit`` blocks once ``max_pending`` groups are unfinished: backpressure on the producer instead
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from selfrank.ranking.config import RankingConfig
 from selfrank.errors import UserError
+from selfrank.ranking.pool_isolation import blame_death, take_batch
 
 if TYPE_CHECKING:
     from selfrank.ranking.engine import RankedGroup
@@ -187,7 +189,8 @@ class _Task:
     responses: list
     policy_version: int
     submitted: float
-    deaths: int = 0  # workers that died while holding this group
+    suspect: bool = False  # was held by a worker that died: ranked alone from now on
+    solo_deaths: int = 0  # workers that died while holding this group alone
     ranker_id: str | None = None  # the id the ranker sees (it seeds noise), if not ``id``
 
 
@@ -206,12 +209,12 @@ class _PoolState:
     can shut it down without holding the pool object alive."""
 
     def __init__(self, config: RankingConfig, workers: int, max_pending: int, batch_groups: int,
-                 max_retries: int, seed: int, start_timeout: float):
+                 max_solo_deaths: int, seed: int, start_timeout: float):
         self.config = config
         self.n_workers = workers
         self.max_pending = max_pending
         self.batch_groups = batch_groups
-        self.max_retries = max_retries
+        self.max_solo_deaths = max_solo_deaths
         self.seed = seed
         self.start_timeout = start_timeout
         self.ctx = mp.get_context("spawn")
@@ -312,10 +315,7 @@ class _PoolState:
                 return
             # Share the queue evenly among idle workers, up to batch_groups each.
             size = min(self.batch_groups, math.ceil(len(self.pending) / (len(idle) - i)))
-            batch = [self.pending.popleft()]
-            if batch[0].deaths == 0:  # a group that was with a dying worker goes alone
-                while len(batch) < size and self.pending and self.pending[0].deaths == 0:
-                    batch.append(self.pending.popleft())
+            batch = take_batch(self.pending, size)  # a group that was with a dying worker goes alone
             payload = [(t.seq, t.ranker_id or t.id, t.prompt, t.responses) for t in batch]
             try:
                 worker.conn.send(("rank", payload))
@@ -387,14 +387,18 @@ class _PoolState:
         if self.closing or self.fatal is not None:
             return
         exit_code = worker.process.exitcode
-        log.warning("ranking worker %d (pid %s) died (exit code %s) holding %d group(s); restarting",
-                    worker.slot, worker.pid, exit_code, len(orphans))
+        log.warning("ranking worker %d (pid %s) died (exit code %s) holding %d group(s); restarting%s",
+                    worker.slot, worker.pid, exit_code, len(orphans),
+                    "; each is ranked again alone" if len(orphans) > 1 else "")
         retry = []
-        for task in orphans:
-            task.deaths += 1
-            if task.deaths > self.max_retries:
-                self._finish(task, None, f"group {task.id!r} killed {task.deaths} ranking workers "
-                                         f"(last exit code {exit_code}); given up after {self.max_retries} retries", -1)
+        self.counts["solo_deaths"] += len(orphans) == 1
+        for task, fail in zip(orphans, blame_death(orphans, self.max_solo_deaths)):
+            if fail:
+                times = f"{task.solo_deaths} time{'s' if task.solo_deaths != 1 else ''}"
+                error = (f"group {task.id!r} could not be ranked: the ranking worker died each time it ranked "
+                         f"this group alone ({times}, last exit code {exit_code})")
+                log.error("%s", error)
+                self._finish(task, None, error, -1)
             else:
                 retry.append(task)
                 self.counts["retries"] += 1
@@ -510,21 +514,23 @@ class RankingPool:
     ...     for result in pool.poll(): ...        # whatever is ready, without waiting
     ...     results = pool.drain()                # the rest, in submit order
 
-    ``max_retries``: how many times a group may be retried after its worker died before it is
-    reported as failed. ``start_timeout``: seconds to wait for the first worker to load its model.
+    A worker that dies is replaced and the groups it held are ranked again, each alone; a group is
+    failed (with an error naming it) only once its worker has died ``max_solo_deaths`` times while
+    ranking it alone (see ``ranking.pool_isolation``). ``start_timeout``: seconds to wait for the
+    first worker to load its model.
     """
 
     def __init__(self, config: RankingConfig, workers: int = 1, max_pending: int = 256, batch_groups: int = 8,
-                 max_retries: int = 2, seed: int = 0, start_timeout: float = 600.0):
+                 max_solo_deaths: int = 3, seed: int = 0, start_timeout: float = 600.0):
         if workers < 1:
             raise UserError(f"ranking pool: workers must be >= 1, got {workers}")
         if max_pending < 1:
             raise UserError(f"ranking pool: max_pending must be >= 1, got {max_pending}")
         if batch_groups < 1:
             raise UserError(f"ranking pool: batch_groups must be >= 1, got {batch_groups}")
-        if max_retries < 0:
-            raise UserError(f"ranking pool: max_retries must be >= 0, got {max_retries}")
-        self._state = _PoolState(config, workers, max_pending, batch_groups, max_retries, seed, start_timeout)
+        if max_solo_deaths < 1:
+            raise UserError(f"ranking pool: max_solo_deaths must be >= 1, got {max_solo_deaths}")
+        self._state = _PoolState(config, workers, max_pending, batch_groups, max_solo_deaths, seed, start_timeout)
         self._finalizer = weakref.finalize(self, self._state.shutdown)
 
     def __enter__(self) -> "RankingPool":
@@ -628,6 +634,7 @@ class RankingPool:
                 "failed": s.counts["failed"],
                 "restarts": s.counts["restarts"],
                 "retries": s.counts["retries"],
+                "solo_deaths": s.counts["solo_deaths"],
                 "duplicates_ignored": s.counts["duplicates_ignored"],
                 "latency_mean_s": sum(latencies) / len(latencies) if latencies else None,
                 "latency_p50_s": quantile(0.5),

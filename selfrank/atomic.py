@@ -1,19 +1,34 @@
 """Crash-safe file writing: write to a temporary file in the same folder, fsync, then rename.
 
 A reader therefore sees either the old file or the complete new one, never half of it, and a
-failed write (disk full, kill) leaves any previous file untouched.
+failed write (disk full, kill) leaves any previous file untouched. A killed write does leave its
+temporary behind; :func:`remove_stale_temporaries` clears those (and finishes a folder swap cut
+between its two renames) once no write can be in progress, e.g. when a resumed stage starts.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
+log = logging.getLogger(__name__)
+
+# Every temporary made here carries this mark, so that clearing stale ones can never catch a user's
+# own file: ".<name>.selfrank-<random>.tmp" (a file), ".<name>.selfrank.tmp-<random>" (a folder being
+# written) and ".<name>.selfrank.old-<random>" (a folder's previous version, moved aside for the swap).
+_MARK = "selfrank"
+_RANDOM = r"[A-Za-z0-9_]+"  # tempfile's random part
+_FILE_TEMP = re.compile(rf"\.(?P<target>.+)\.{_MARK}-{_RANDOM}\.tmp")
+_FOLDER_TEMP = re.compile(rf"\.(?P<target>.+)\.{_MARK}\.tmp-{_RANDOM}")
+_FOLDER_OLD = re.compile(rf"\.(?P<target>.+)\.{_MARK}\.old-{_RANDOM}")
+_PREVIOUS = "previous"  # the old version's name inside its ".old-" folder
 
 # No space left, over the file size limit, over quota.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -57,7 +72,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_MARK}-", suffix=".tmp", dir=path.parent)
     binary = "b" in mode
     try:
         with naming_disk_full(path), os.fdopen(fd, mode, encoding=None if binary else encoding) as handle:
@@ -99,3 +114,71 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``folder`` (old one removed)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_MARK}.tmp-", dir=folder.parent))
+    try:
+        with naming_disk_full(folder):
+            yield tmp
+        old = None
+        if folder.exists():
+            # A folder cannot be renamed over a non-empty one: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_MARK}.old-", dir=folder.parent))
+            os.replace(folder, old / _PREVIOUS)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Clear what killed atomic writes left in ``folder`` (and below it if ``recursive``); returns
+    the paths removed.
+
+    Call it only where no atomic write under ``folder`` can be in progress (a stage's folder as the
+    stage starts, before any other process of the job goes on): it would pull a live write's
+    temporary away. A folder whose swap was cut between its two renames (old version moved aside,
+    new one not yet in place) gets its old version back, as if that write had never started.
+    Only names with this module's mark are touched, never a file of the user's.
+    """
+    removed: list[Path] = []
+    for parent, dirs, files in os.walk(folder):  # symbolic links are not followed
+        here = Path(parent)
+        for name in files:
+            if _FILE_TEMP.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(here / name)
+                removed.append(here / name)
+        stale = [d for d in dirs if (_FOLDER_TEMP.fullmatch(d) or _FOLDER_OLD.fullmatch(d))
+                 and not (here / d).is_symlink()]
+        _restore_cut_swaps(here, [d for d in stale if _FOLDER_OLD.fullmatch(d)])
+        for name in stale:
+            shutil.rmtree(here / name, ignore_errors=True)
+            removed.append(here / name)
+        dirs[:] = [d for d in dirs if d not in stale] if recursive else []
+    if removed:
+        log.info("removed %d temporar%s left by interrupted writes under %s", len(removed),
+                 "y" if len(removed) == 1 else "ies", folder)
+    return removed
+
+
+def _restore_cut_swaps(here: Path, olds: list[str]) -> None:
+    """Put back the previous version of each folder in ``here`` that a cut swap left missing."""
+    by_target: dict[str, list[Path]] = {}
+    for name in olds:
+        if (here / name / _PREVIOUS).is_dir():
+            by_target.setdefault(_FOLDER_OLD.fullmatch(name)["target"], []).append(here / name)
+    for target, candidates in by_target.items():
+        if (here / target).exists() or (here / target).is_symlink():
+            continue  # the swap completed: the old version is garbage
+        newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
+        os.replace(newest / _PREVIOUS, here / target)
+        _fsync_dir(here)
+        log.warning("%s: a write was interrupted mid-swap; its previous version is back in place", here / target)

@@ -28,7 +28,7 @@ from typing import Callable
 
 import yaml
 
-from selfrank.atomic import write_text
+from selfrank.atomic import remove_stale_temporaries, write_text
 from selfrank.errors import UserError
 
 from selfrank.train import dist
@@ -105,6 +105,23 @@ def _whole(fn):
         return fn()
 
 
+def _write_config(run: RunDir, config: ExperimentConfig) -> None:
+    # The run folder's own files (config.yaml, the tracker's id) are written once per start: a killed
+    # start may have left their temporaries (one run folder has one pipeline at a time).
+    remove_stale_temporaries(run.root, recursive=False)
+    write_text(run.root / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+
+def _prepare_folder(run: RunDir, stage: str, redo: bool) -> None:
+    """Empty a stage's folder to redo it, or clear what a killed run's writes left in it. Main process
+    only, while the others wait at the barrier: no write can be in progress there (a stage writes
+    only its own folder, and its checkpoints are loaded after this)."""
+    if redo:
+        run.reset(stage)
+    else:
+        remove_stale_temporaries(run.root / stage)
+
+
 def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, resume: bool = False,
                  force: bool = False, log: Callable[[dict, int, str], None] | None = None,
                  log_table: Callable[[str, list[dict], str], None] | None = None,
@@ -127,8 +144,7 @@ def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, r
     barrier = Barrier()
     ctx = StageContext(hooks, barrier)
     run = RunDir.for_config(config)
-    barrier.on_main(lambda: write_text(run.root / "config.yaml",
-                                       yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)))
+    barrier.on_main(lambda: _write_config(run, config))
     summaries = {}
     for stage in stages:
         digest = settings_digest(config, stage)
@@ -141,8 +157,7 @@ def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, r
                 continue
             logger.warning("%s: its settings changed since it completed; redoing it", stage)
             redo = True
-        if redo:
-            barrier.on_main(lambda: run.reset(stage))
+        barrier.on_main(lambda: _prepare_folder(run, stage, redo))
         stop_if_requested(stage, 0, None, run.root)  # a stop that arrived in a stage without step checks
         logger.info("%s: starting", stage)
         seed_everything(config.seed)

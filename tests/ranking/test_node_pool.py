@@ -6,7 +6,6 @@ import os
 import queue
 import secrets
 import stat
-import time
 from multiprocessing.connection import AuthenticationError, Client
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from selfrank.ranking.node_pool import NodePoolClient, NodePoolServer
 from selfrank.ranking.pool import PoolError
 from selfrank.ranking.ranker import Ranker
+from tests.ranking.gates import Gates
 from tests.ranking.test_pool import LEXICAL, make_groups
 
 
@@ -75,16 +75,18 @@ def test_socket_is_private_and_a_wrong_key_is_refused(server):
         assert result.ok and result.id == group["id"]
 
 
-def test_client_backpressure_and_duplicate_ids(server):
+def test_client_backpressure_and_duplicate_ids(server, tmp_path):
     _, address, key = server
     groups = make_groups(3)
+    gated, gate = Gates(tmp_path).group("a")  # holds the server's reader for this client until opened
     with NodePoolClient(address, key, max_pending=2) as client:
-        client.submit("a", groups[0]["prompt"], groups[0]["responses"])
+        client.submit("a", gated["prompt"], gated["responses"])
         with pytest.raises(ValueError, match="already in the pool"):
             client.submit("a", groups[0]["prompt"], groups[0]["responses"])
         client.submit("b", groups[1]["prompt"], groups[1]["responses"])
         with pytest.raises(queue.Full):
             client.submit("c", groups[2]["prompt"], groups[2]["responses"], block=False)
+        gate.open()
         assert sorted(r.id for r in client.drain(timeout=60)) == ["a", "b"]
         client.submit("c", groups[2]["prompt"], groups[2]["responses"], block=False)  # room again
         assert [r.id for r in client.drain(timeout=60)] == ["c"]
@@ -98,9 +100,8 @@ def test_a_bad_group_fails_alone_and_a_closed_server_is_reported(server):
     results = {r.id: r for r in client.drain(timeout=60)}
     assert not results["bad"].ok and results["bad"].error and results["good"].ok
     srv.close()
-    deadline = time.monotonic() + 10
+    client._reader.join(timeout=60)  # its reader ends when it sees the closed socket
+    assert not client._reader.is_alive()
     with pytest.raises(PoolError, match="went away"):
-        while time.monotonic() < deadline:  # the client's reader sees the closed socket
-            client.poll()
-            time.sleep(0.01)
+        client.poll()
     client.close()

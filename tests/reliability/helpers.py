@@ -52,9 +52,10 @@ def env(**extra) -> dict:
     return out
 
 
-def start(args: list[str], cwd: Path, log: Path, preexec_fn=None, **extra_env) -> subprocess.Popen:
+def start(args: list[str], cwd: Path, log: Path, preexec_fn=None, program: list[str] = SELFRANK,
+          **extra_env) -> subprocess.Popen:
     handle = open(log, "ab")
-    return subprocess.Popen(SELFRANK + args, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=env(**extra_env),
+    return subprocess.Popen(program + args, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=env(**extra_env),
                             preexec_fn=preexec_fn)
 
 

@@ -1,10 +1,13 @@
-"""SIGKILL while a checkpoint is being written, many times: the folder always loads, old or new."""
+"""SIGKILL while a checkpoint is being written, many times: the folder always loads, old or new.
+
+Each kill lands at a seeded random file operation of the writer (it stops itself there and is
+killed while stopped), so what the kills hit does not depend on the speed of the machine."""
 from __future__ import annotations
 
 import os
 import random
 import signal
-import time
+import sys
 
 import pytest
 import torch
@@ -12,6 +15,10 @@ import torch
 from selfrank.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 
 KILLS = 30
+# A checkpoint write makes about 17 file operations that Python sees (native writers make none):
+# a kill within the first 60 of a process lets a few complete, then cuts one.
+POINTS = 60
+_FILE_EVENTS = ("open", "os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree")
 
 
 def _model(step: int) -> torch.nn.Module:
@@ -20,6 +27,20 @@ def _model(step: int) -> torch.nn.Module:
         for p in model.parameters():
             p.fill_(float(step))
     return model
+
+
+def _stop_at_file_operation(folder, point: int) -> None:
+    """Make this process stop itself (SIGSTOP) at its ``point``-th file operation inside ``folder``."""
+    inside, seen = str(folder) + os.sep, [0]
+
+    def on_event(event: str, args: tuple) -> None:
+        if event in _FILE_EVENTS and args and isinstance(args[0], (str, bytes, os.PathLike)) \
+                and os.fsdecode(args[0]).startswith(inside):
+            if seen[0] == point:
+                os.kill(os.getpid(), signal.SIGSTOP)
+            seen[0] += 1
+
+    sys.addaudithook(on_event)
 
 
 def _save_forever(folder, first_step: int) -> None:
@@ -40,13 +61,16 @@ def test_sigkill_during_checkpoint_writes_never_loses_the_checkpoint(tmp_path):
     last_step = -1
     mid_write = 0  # kills that left a half-written staging folder: the case that matters
     for kill in range(KILLS):
+        point = rng.randrange(POINTS)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns
             try:
+                _stop_at_file_operation(tmp_path, point)
                 _save_forever(folder, last_step + 1)
             finally:
                 os._exit(1)
-        time.sleep(rng.uniform(0.02, 0.25))
+        _, status = os.waitpid(pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), f"the writer ended before file operation {point}"
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
@@ -62,6 +86,7 @@ def test_sigkill_during_checkpoint_writes_never_loses_the_checkpoint(tmp_path):
         assert all(bool((p == float(step)).all()) for p in model.parameters())
         assert step >= last_step
         last_step = step
+    print(f"\n{KILLS} kills: {mid_write} inside a checkpoint write, last checkpoint step {last_step}")
     assert last_step >= 5, f"too few checkpoints completed ({last_step}) for the test to mean much"
     assert mid_write >= 5, f"only {mid_write} of {KILLS} kills landed inside a checkpoint write"
 

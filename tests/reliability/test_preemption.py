@@ -13,7 +13,8 @@ import pytest
 from selfrank.train.checkpoint import find_checkpoint, verify_checkpoint
 from selfrank.train.signals import EXIT_CODE
 
-from tests.reliability.helpers import assert_same_weights, error_lines, kill, run, start, wait_for, write_config
+from tests.reliability.helpers import assert_same_weights, error_lines, run, start, write_config
+from tests.reliability.stop_at import command, signal_when_stopped
 
 FILE_LIMIT = 60_000  # bytes: below the tiny model's weights, above every JSON file the stages write
 
@@ -31,9 +32,11 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_sigterm_mid_sft_checkpoints_exits_143_and_resume_matches(tmp_path, reference_run):
     config = write_config(tmp_path, "pre")
     root = tmp_path / "runs" / "pre"
-    process = start(["sft", str(config)], cwd=tmp_path, log=tmp_path / "sft.log")
-    assert wait_for(lambda: (root / "sft" / "checkpoint" / "state.json").is_file(), process)
-    code = kill(process, signal.SIGTERM)
+    # SIGTERM at the first progress point after the periodic checkpoint at step 3 (not at a moment:
+    # a fast machine could finish all 12 steps first).
+    process = start(["sft", str(config)], cwd=tmp_path, log=tmp_path / "sft.log",
+                    program=command(root, root / "sft" / "checkpoint" / "state.json", 0))
+    code = signal_when_stopped(process, signal.SIGTERM)
     log = (tmp_path / "sft.log").read_text()
     assert code == EXIT_CODE == 143, log[-2000:]
     assert "Traceback" not in log
@@ -61,9 +64,9 @@ def test_reward_preempted_then_disk_full_then_corrupted_checkpoint(tmp_path, ref
     checkpoint = root / "reward" / "str" / "checkpoint"
 
     # 1. SIGTERM as soon as the stage starts: the loop stops at its first step boundary with a checkpoint.
-    process = start(["reward", str(config)], cwd=tmp_path, log=tmp_path / "reward.log")
-    assert wait_for(lambda: (root / "reward" / "str").is_dir(), process)
-    assert kill(process, signal.SIGTERM) == 143
+    process = start(["reward", str(config)], cwd=tmp_path, log=tmp_path / "reward.log",
+                    program=command(root, root / "reward" / "str", 0))
+    assert signal_when_stopped(process, signal.SIGTERM) == 143
     assert "Traceback" not in (tmp_path / "reward.log").read_text()
     verify_checkpoint(find_checkpoint(checkpoint))
     saved = _files(checkpoint)

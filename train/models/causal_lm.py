@@ -8,11 +8,8 @@ its folder holds the base weights as usual plus ``adapters.json`` / ``adapters.s
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -27,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from selfrank.atomic import naming_disk_full
+from selfrank.atomic import atomic_folder
 from selfrank.errors import UserError
 from selfrank.logs import quieter
 
@@ -214,28 +211,6 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
     with atomic_folder(folder) as tmp:
         peft_methods.save_pretrained_with_adapters(model, tmp)
         tokenizer.save_pretrained(tmp)
-
-
-@contextlib.contextmanager
-def atomic_folder(folder: Path):
-    """Yield a temporary sibling folder to fill; on success it replaces ``folder`` (old one removed)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        with naming_disk_full(folder):
-            yield tmp
-        old = None
-        if folder.exists():
-            # A folder cannot be renamed over a non-empty one: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old / "previous")
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_model(folder: Path, model_cfg: ModelConfig | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -205,7 +205,7 @@ def is_valid_cache(folder: Path, source_sha256: str) -> bool:
 
 def _convert_once(gguf: Path, source_sha256: str, target: Path) -> Path:
     """Convert under a per-model lock: a concurrent caller waits, then finds the finished cache."""
-    from selfrank.train.models.causal_lm import atomic_folder
+    from selfrank.atomic import atomic_folder
 
     folder = target.parent
     try:

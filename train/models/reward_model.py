@@ -27,7 +27,8 @@ from selfrank.atomic import write_json
 from selfrank.errors import UserError
 
 from selfrank.train.models.masks import last_token_index, position_ids_from_mask
-from selfrank.train.models.causal_lm import atomic_folder, encode_prompt_response, load_model
+from selfrank.atomic import atomic_folder
+from selfrank.train.models.causal_lm import encode_prompt_response, load_model
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"

@@ -22,7 +22,8 @@ from torch import nn
 
 from selfrank.errors import UserError
 
-from selfrank.train.models.reward_model import RewardModel, atomic_folder, disable_dropout
+from selfrank.atomic import atomic_folder
+from selfrank.train.models.reward_model import RewardModel, disable_dropout
 from selfrank.train.models.masks import position_ids_from_mask
 
 HEAD_FILE = "value_head.safetensors"
