@@ -31,7 +31,8 @@ POINTS_AFTER = 12
 
 
 def _temporaries(root: Path) -> list[Path]:
-    return list(root.rglob("*.tmp")) + list(root.rglob(".*.tmp-*"))
+    # Atomic files and folders (``.*.tmp``, ``.*.tmp-*``) and checkpoints being written (``<folder>.new``).
+    return list(root.rglob("*.tmp")) + list(root.rglob(".*.tmp-*")) + list(root.rglob("*.new"))
 
 
 def _running_stage(root: Path) -> str | None:
@@ -66,4 +67,4 @@ def test_sigkill_in_every_stage_then_resume_matches_an_uninterrupted_run(tmp_pat
     assert_same_weights(root / "ppo" / "str" / "actor", reference_run / "ppo" / "str" / "actor")
     ours, theirs = report_numbers(root / "eval" / "report.json"), report_numbers(reference_run / "eval" / "report.json")
     assert ours and ours == theirs
-    assert not list(root.rglob("*.tmp")) and not list(root.rglob(".*.tmp-*"))
+    assert _temporaries(root) == []
