@@ -87,6 +87,10 @@ def _preflight(config, stages: list[str], force: bool) -> None:
         load_task(config.task)
     if "sft" in todo:
         check_model_source(config.model)
+    if todo:
+        from selfrank.train.models.preflight import check_policy_settings
+
+        check_policy_settings(config, sft_todo="sft" in todo)
 
 
 def _cmd_stage(args) -> int:

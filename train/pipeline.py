@@ -173,12 +173,12 @@ def _stage_reward(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Ho
 
 def _stage_ppo(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks,
                barrier: "_Barrier") -> dict | None:
-    from selfrank.train.data.tasks import load_task
+    from selfrank.train.data.tasks import load_prompted_task
     from selfrank.train.stages.ppo import train_ppo
     from selfrank.train.dist.ranking_service import ranking_pool
 
     sft_model = run.require("sft") / "model"
-    prompts = [ex.prompt for ex in load_task(config.task).train]
+    prompts = [ex.prompt for ex in load_prompted_task(config, sft_model).train]
 
     def train_one(variant: str, stage: str) -> dict:
         rm_folder = run.require(f"reward/{variant}") / "model"
@@ -206,11 +206,10 @@ def eval_rows(config: ExperimentConfig, run: RunDir) -> list[tuple[str, Path]]:
 
 def _stage_eval(config: ExperimentConfig, run: RunDir, resume: bool, hooks: Hooks,
                 barrier: "_Barrier") -> dict | None:
-    from selfrank.train.data.tasks import load_task
+    from selfrank.train.data.tasks import load_prompted_task
     from selfrank.train.evaluation.evaluate import evaluate_rows
 
-    run.require("sft")
-    examples = load_task(config.task).test
+    examples = load_prompted_task(config, run.require("sft") / "model").test
     reward_folders = {v: run.root / "reward" / v / "model" for v in config.variants if run.is_done(f"reward/{v}")}
     ppo_logs = {v: run.root / "ppo" / v / "log.jsonl" for v in config.variants if run.is_done(f"ppo/{v}")}
     results = evaluate_rows(config, eval_rows(config, run), examples, run.stage("eval"),
