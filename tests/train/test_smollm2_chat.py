@@ -88,4 +88,12 @@ def test_generated_answer_ids_are_the_ids_sft_and_the_reward_model_use(smollm2):
         assert encoded[row] == query + response
     example = type("Example", (), {"prompt": prompts[0], "target": gen.texts[0]})
     assert tokenize_examples([example], tokenizer, 512) == [(encoded[0], len(tokenizer(prompts[0])["input_ids"]))]
-    print(json.dumps(gen.texts))
+
+
+def test_preflight_accepts_bitfit_and_resolves_chat_for_smollm2():
+    from selfrank.train.config import SFTConfig
+    from selfrank.train.models.preflight import check_policy_settings, prompt_style
+
+    config = dataclasses.replace(tiny_config(), model=ModelConfig(name=NAME), sft=SFTConfig(method="bitfit"))
+    assert prompt_style(config) == "chat"
+    check_policy_settings(config, sft_todo=True)  # Llama's bias switches make BitFit possible

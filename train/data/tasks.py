@@ -290,7 +290,7 @@ def _load_files(cfg: TaskConfig) -> TaskData:
 def load_prompted_task(config, tokenizer) -> TaskData:
     """The run's task with its prompts in the style of the policy whose tokenizer is ``tokenizer`` (a
     tokenizer, or a model folder to read it from): what every stage that reads prompts uses."""
-    if not hasattr(tokenizer, "chat_template"):
+    if isinstance(tokenizer, (str, Path)):
         from selfrank.train.models.causal_lm import load_tokenizer
 
         tokenizer = load_tokenizer(Path(tokenizer), config.model)
