@@ -5,6 +5,7 @@ with adapters off."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -139,3 +140,22 @@ def test_ppo_lora_policy_on_llama_trains_adapters_only(llama_world, tmp_path):
     assert changed and all(k.split(".")[-2] in PROJECTIONS for k in changed)
     actor, _ = load_model(tmp_path / "ppo" / "actor")
     assert type(actor).__name__ == "LlamaForCausalLM"
+
+
+@pytest.mark.slow
+def test_pipeline_with_a_tiny_llama_and_chat_prompts(tmp_path):
+    from selfrank.train.models.causal_lm import load_tokenizer
+    from selfrank.train.pipeline import run_pipeline
+
+    config = tiny_chat_config(tmp_path, name="chat-pipe")
+    config.variants = ["str"]
+    run_pipeline(config)
+    run = tmp_path / "chat-pipe"
+    tokenizer = load_tokenizer(run / "sft" / "original")
+    assert tokenizer.chat_template and "<a>" not in tokenizer.get_vocab()  # a ChatML tokenizer, no markers
+    groups = [json.loads(line) for line in (run / "sample" / "ranked.jsonl").read_text().splitlines()]
+    assert groups and all(g["prompt"].startswith("<|im_start|>user\nAnswer.\n\nContext: ") for g in groups)
+    assert all(g["prompt"].endswith("<|im_end|>\n<|im_start|>assistant\n") for g in groups)
+    generations = [json.loads(line) for line in (run / "eval" / "generations_str.jsonl").read_text().splitlines()]
+    assert len(generations) == config.eval.max_examples
+    assert all(g["prompt"].endswith("<|im_start|>assistant\n") for g in generations)
