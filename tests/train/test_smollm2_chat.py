@@ -97,3 +97,16 @@ def test_preflight_accepts_bitfit_and_resolves_chat_for_smollm2():
     config = dataclasses.replace(tiny_config(), model=ModelConfig(name=NAME), sft=SFTConfig(method="bitfit"))
     assert prompt_style(config) == "chat"
     check_policy_settings(config, sft_todo=True)  # Llama's bias switches make BitFit possible
+
+
+def test_a_question_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, shared_data, capsys):
+    from selfrank.launch.cli import main as cli_main
+    from tests.reliability.helpers import error_lines, write_config
+
+    config = write_config(tmp_path, "tight", **{
+        "model.name": NAME, "task.kind": "qa", "task.train": str(shared_data / "squad_v2" / "dev.jsonl"),
+        "task.max_train": 200, "task.max_validation": 20, "task.max_test": 20, "task.prompt.max_tokens": 40})
+    assert cli_main(["run", str(config)]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "question and the template alone" in lines[0] and "example " in lines[0], lines
+    assert not (tmp_path / "runs").exists()

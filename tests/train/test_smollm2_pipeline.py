@@ -21,11 +21,11 @@ def test_smollm2_squad_v2_through_every_stage(tmp_path, shared_data):
     overrides = {
         "name": "smol-e2e", "output_dir": str(tmp_path / "runs"), "torch_threads": 1,
         "task.train": str(shared_data / "squad_v2" / "dev.jsonl"),
-        "task.max_train": 8, "task.max_validation": 4, "task.max_test": 4, "task.prompt.max_tokens": 64,
-        "sft.max_steps": 2, "sft.batch_size": 4, "sft.block_size": 80, "sft.baselines": "[]",
+        "task.max_train": 8, "task.max_validation": 4, "task.max_test": 4, "task.prompt.max_tokens": 96,
+        "sft.max_steps": 2, "sft.batch_size": 4, "sft.block_size": 112, "sft.baselines": "[]",
         "sample.k": 2, "sample.max_new_tokens": 8, "sample.max_prompts": 4, "sample.batch_size": 4,
         "sample.async_ranking": "false",
-        "reward.max_steps": 2, "reward.batch_size": 2, "reward.max_length": 80, "reward.heldout_fraction": 0.25,
+        "reward.max_steps": 2, "reward.batch_size": 2, "reward.max_length": 112, "reward.heldout_fraction": 0.25,
         "ppo.steps": 2, "ppo.batch_size": 2, "ppo.samples_per_prompt": 1, "ppo.minibatches": 1, "ppo.ppo_epochs": 1,
         "ppo.max_new_tokens": 8, "ppo.policy": "lora", "ppo.save_every": 10,
         "eval.max_examples": 4, "eval.max_new_tokens": 8, "eval.batch_size": 4, "eval.samples_per_prompt": 1,
@@ -49,10 +49,10 @@ def test_smollm2_squad_v2_through_every_stage(tmp_path, shared_data):
     assert stages["sft"]["runs"][stages["sft"]["method"]]["steps"] == 2
     groups = [json.loads(line) for line in (run / "sample" / "ranked.jsonl").read_text().splitlines()]
     assert len(groups) == 4 and all(len(g["responses"]) == 2 for g in groups)
-    for group in groups:  # the prompts every stage read: SmolLM2's template, fitted to 64 tokens
+    for group in groups:  # the prompts every stage read: SmolLM2's template, fitted to 96 tokens
         assert group["prompt"].startswith("<|im_start|>system\n") and "\n\nQuestion: " in group["prompt"]
         assert group["prompt"].endswith("<|im_end|>\n<|im_start|>assistant\n")
-        assert len(tokenizer(group["prompt"])["input_ids"]) <= 64
+        assert len(tokenizer(group["prompt"])["input_ids"]) <= 96
     rows = [json.loads(line) for line in (run / "ppo" / "str" / "log.jsonl").read_text().splitlines()]
     # LoRA starts as the reference (float noise only: the sampler's cached forward against a full one)
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-3)

@@ -7,7 +7,7 @@ from pathlib import Path
 from selfrank.errors import UserError
 
 from selfrank.train.config import ExperimentConfig
-from selfrank.train.data.prompts import MIN_CHAT_BUDGET, answer_room, check_prompt_budget, resolve_style
+from selfrank.train.data.prompts import MIN_CHAT_BUDGET, answer_room, check_prompt_budget, format_task, resolve_style
 from selfrank.train.models.pretrained import resolve_model_source
 
 
@@ -21,9 +21,14 @@ def _source(config: ExperimentConfig) -> tuple[str, dict]:
 
 def prompt_style(config: ExperimentConfig) -> str:
     """The run's prompt style (``markers`` or ``chat``), from the configured model's tokenizer."""
-    style = config.task.prompt.style
-    if config.model.name == "tiny" or style == "markers":
-        return resolve_style(style, config.model.name)
+    return resolve_style(config.task.prompt.style, config.model.name, _tokenizer(config))
+
+
+def _tokenizer(config: ExperimentConfig):
+    """The configured pre-trained model's tokenizer (None for the tiny model, which trains its own, and
+    for marker prompts, which need none to be told apart)."""
+    if config.model.name == "tiny" or config.task.prompt.style == "markers":
+        return None
     from transformers import AutoTokenizer
 
     source, kwargs = _source(config)
@@ -32,7 +37,7 @@ def prompt_style(config: ExperimentConfig) -> str:
     except Exception as exc:  # the model check that follows explains a model that cannot load
         raise UserError(f"model.name: cannot read the tokenizer of {config.model.name!r} "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    return resolve_style(style, config.model.name, tokenizer)
+    return tokenizer
 
 
 def _model_config(config: ExperimentConfig):
@@ -53,11 +58,15 @@ def _model_config(config: ExperimentConfig):
     return AutoConfig.from_pretrained(source, **kwargs)
 
 
-def check_policy_settings(config: ExperimentConfig, sft_todo: bool) -> None:
-    """Refuse settings that cannot work: chat prompts without room (``check_prompt_budget``), BitFit on
-    a model with no bias terms and no switch to add them (when the SFT stage will run)."""
-    if prompt_style(config) == "chat":
+def check_policy_settings(config: ExperimentConfig, sft_todo: bool, data=None) -> None:
+    """Refuse settings that cannot work: chat prompts without room (``check_prompt_budget``) or, with
+    the task's examples ``data`` and a pre-trained model's tokenizer, a question that alone exceeds that
+    room; BitFit on a model with no bias terms and no switch to add them (when SFT will run)."""
+    tokenizer = _tokenizer(config)
+    if resolve_style(config.task.prompt.style, config.model.name, tokenizer) == "chat":
         check_prompt_budget(config)
+        if data is not None and tokenizer is not None:
+            format_task(data, tokenizer, config)  # every prompt fits, or the example is named
         if config.model.name == "tiny" and config.model.tiny.n_positions - answer_room(config) < MIN_CHAT_BUDGET:
             raise UserError(f"model.tiny.n_positions: {config.model.tiny.n_positions} leaves too little room for "
                             "chat prompts beside the longest max_new_tokens")
