@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from selfrank.errors import UserError
-from selfrank.train.config import PPOConfig
 from selfrank.train.data.prompts import format_task
 from selfrank.train.data.synthetic import make_task
 from selfrank.train.models import peft_methods

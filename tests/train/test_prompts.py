@@ -65,7 +65,8 @@ def test_chat_prompt_within_budget_is_the_template_rendering(chat_tokenizer):
     fmt = PromptFormat(style="chat", system="Be brief.")
     prompt = ChatPrompter(chat_tokenizer, fmt, 200)(qa_parts("the  river\nruns", "what is it ?"))
     assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAnswer the question using the "
-                      "context.\n\nContext: the river runs\n\nQuestion: what is it ?<|im_end|>\n<|im_start|>assistant\n")
+                      "context.\n\nContext: the river runs\n\nQuestion: what is it ?<|im_end|>\n"
+                      "<|im_start|>assistant\n")
     assert is_chat_prompt(chat_tokenizer, prompt) and not is_chat_prompt(chat_tokenizer, "<c> x <q> y <a>")
 
 
@@ -75,7 +76,8 @@ def test_long_qa_passage_loses_its_left_part_never_the_question_or_template(chat
     prompter = ChatPrompter(chat_tokenizer, fmt, 60)
     prompt = prompter(qa_parts(passage, "what is it ?"))
     assert n_tokens(chat_tokenizer, prompt) <= 60 and prompter.cut == 1
-    head = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAnswer the question using the context.\n\nContext: "
+    head = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAnswer the question using the context."
+            "\n\nContext: ")
     tail = "\n\nQuestion: what is it ?<|im_end|>\n<|im_start|>assistant\n"
     assert prompt.startswith(head) and prompt.endswith(tail)
     kept = prompt[len(head):-len(tail)]

@@ -4,7 +4,6 @@ trains on, what generation produces, what the reward model scores and what PPO's
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch

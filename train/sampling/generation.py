@@ -44,7 +44,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def response_mask_after_eos(response_ids: torch.Tensor, eos_id: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_mask_after_eos(response_ids: torch.Tensor,
+                            eos_id: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mask, ended)``: mask is 1 up to and including the first EOS (any of ``eos_id`` when a list;
     all ones if none)."""
     stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=response_ids.dtype)
