@@ -47,7 +47,7 @@ def main() -> None:
     from selfrank.launch.config import load_experiment
     from selfrank.ranking.pool import RankingPool
     from selfrank.ranking.ranker import Ranker
-    from selfrank.train.data.examples import prompt_markers
+    from selfrank.train.data.prompts import prompt_markers
     from selfrank.train.data.tasks import load_task
     from selfrank.train.sampling.generation import generate
     from selfrank.train.models.causal_lm import init_policy

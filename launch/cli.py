@@ -83,10 +83,15 @@ def _preflight(config, stages: list[str], force: bool) -> None:
 
     root = RunDir(Path(config.output_dir) / config.name)
     todo = [stage for stage in stages if force or not root.is_done(stage)]
+    data = None
     if any(stage != "reward" for stage in todo):
-        load_task(config.task)
+        data = load_task(config.task)
     if "sft" in todo:
         check_model_source(config.model)
+    if todo:
+        from selfrank.train.models.preflight import check_policy_settings
+
+        check_policy_settings(config, sft_todo="sft" in todo, data=data)
 
 
 def _cmd_stage(args) -> int:

@@ -294,7 +294,7 @@ def run_sweep(config, sweep: AgreementSweepConfig, run_dir: Path) -> dict:
     """The agreement sweep of one run, computed once and kept in the run folder; redone when the
     sweep or the run's settings (the same digest that decides whether a stage is redone) change."""
     from selfrank.train.evaluation.agreement_sweep import agreement_sweep
-    from selfrank.train.data.tasks import load_task
+    from selfrank.train.data.tasks import load_prompted_task
     from selfrank.train.pipeline import settings_digest
 
     path = run_dir / "agreement_sweep.json"
@@ -304,7 +304,8 @@ def run_sweep(config, sweep: AgreementSweepConfig, run_dir: Path) -> dict:
         if (kept.get("sizes") == sorted(sweep.sizes) and kept.get("embedders") == list(sweep.embedders)
                 and kept.get("settings_digest") == digest):
             return kept
-    result = agreement_sweep(config, run_dir / "sft" / "model", load_task(config.task).test, config.task.kind,
+    sft_model = run_dir / "sft" / "model"
+    result = agreement_sweep(config, sft_model, load_prompted_task(config, sft_model).test, config.task.kind,
                              sizes=sweep.sizes, embedders=sweep.embedders)
     result["settings_digest"] = digest
     write_json(path, result)

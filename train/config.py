@@ -52,8 +52,18 @@ class SyntheticTaskConfig:
         check_range("task.synthetic.people", self.people, 2, 20)
 
 
+PROMPT_STYLES = ("auto", "markers", "chat")
+
+
 @dataclass
 class PromptFormat:
+    """How examples become prompts (train/data/prompts.py, the one place that formats them).
+
+    ``style``: "markers" (the paper's ``<c> ... <q> ... <a>``, added as new tokens), "chat" (the
+    tokenizer's chat template: dialogue turns as alternating user/assistant messages ending with a
+    user turn, QA as one user message), or "auto": chat when the model is not the tiny one and its
+    tokenizer has a chat template, else markers."""
+    style: str = "auto"
     # The authors' notebook markers.
     context: str = "<c>"
     question: str = "<q>"
@@ -61,9 +71,20 @@ class PromptFormat:
     # Dialogue: how many of the last context turns to keep (0 = all).
     max_context_turns: int = 3
     turn_separator: str = " "
+    # Chat style: the system message (None: none, so the template decides; SmolLM2's then inserts its
+    # own ~20-token default) and the instruction opening a QA user message.
+    system: str | None = None
+    qa_instruction: str = "Answer the question using the context."
+    # Chat style: prompts are fitted to this many tokens by cutting the context (oldest dialogue turns
+    # first, then the left of the oldest kept turn; the left of a QA passage), never the question or
+    # the template. None: what leaves room for an answer in sft.block_size and reward.max_length.
+    max_tokens: int | None = None
 
     def __post_init__(self):
+        check_choice("task.prompt.style", self.style, PROMPT_STYLES)
         check_range("task.prompt.max_context_turns", self.max_context_turns, 0)
+        if self.max_tokens is not None:
+            check_range("task.prompt.max_tokens", self.max_tokens, 8)
 
 
 @dataclass
@@ -93,8 +114,11 @@ class TaskConfig:
 
 @dataclass
 class TinyModelConfig:
-    """A small GPT-2-shaped model built from a config, with a byte-level BPE tokenizer trained on the
-    task's training text (the offline default: no weights can be fetched)."""
+    """A small GPT-2-shaped (or Llama-shaped) model built from a config, with a byte-level BPE tokenizer
+    trained on the task's training text (the offline default: no weights can be fetched)."""
+    # "llama": the pre-trained SmolLM2's architecture (RMSNorm, rotary positions, gated MLP, grouped
+    # key/value heads, tied embeddings, no bias terms), for fast tests of that path.
+    architecture: str = "gpt2"
     n_layer: int = 2
     n_embd: int = 64
     n_head: int = 4
@@ -104,6 +128,7 @@ class TinyModelConfig:
     def __post_init__(self):
         for name in ("n_layer", "n_embd", "n_head", "n_positions"):
             check_range(f"model.tiny.{name}", getattr(self, name), 1)
+        check_choice("model.tiny.architecture", self.architecture, ("gpt2", "llama"))
         check_range("model.tiny.vocab_size", self.vocab_size, 300)
         if self.n_embd % self.n_head:
             raise UserError(f"model.tiny.n_embd: must be divisible by n_head ({self.n_head}), got {self.n_embd}")

@@ -134,3 +134,26 @@ def test_real_cli_process_bad_data_no_traceback(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert error_lines(result.stderr) == [f"selfrank: error: {path}:2: field 'response' must be a string, got int"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_chat_prompts_without_room_are_refused_before_writing(tmp_path, capsys):
+    config = write_config(tmp_path, "bad", **{"task.prompt.style": "chat", "sft.block_size": 24})
+    code, lines = _cli(["run", str(config)], capsys)
+    assert code == 2 and len(lines) == 1 and "task.prompt" in lines[0] and "sft.block_size" in lines[0], lines
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bitfit_without_bias_terms_or_switches_is_refused_before_writing(tmp_path, capsys):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.train.helpers import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "mistral")
+    tokenizer.save_pretrained(tmp_path / "mistral")
+    config = write_config(tmp_path, "bad", **{"model.name": str(tmp_path / "mistral"), "sft.method": "bitfit"})
+    code, lines = _cli(["run", str(config)], capsys)
+    assert code == 2 and len(lines) == 1 and "bitfit" in lines[0] and "mistral" in lines[0].lower(), lines
+    assert not (tmp_path / "runs").exists()

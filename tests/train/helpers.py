@@ -6,7 +6,7 @@ from pathlib import Path
 from selfrank.ranking.config import EmbedderConfig, RankingConfig
 from selfrank.train.config import (EvalConfig, ExperimentConfig, ModelConfig, PPOConfig, RewardConfig, SampleConfig,
                           SFTConfig, SyntheticTaskConfig, TaskConfig, TinyModelConfig)
-from selfrank.train.data.examples import prompt_markers
+from selfrank.train.data.prompts import prompt_markers
 from selfrank.train.models.causal_lm import build_tiny_model, save_model, train_bpe_tokenizer
 from selfrank.train.data.synthetic import make_task
 
@@ -53,6 +53,44 @@ def tiny_policy(tmp_path: Path | None = None, config: ExperimentConfig | None = 
 
     config = config or tiny_config(tmp_path)
     tokenizer = tiny_tokenizer(config)
+    torch.manual_seed(seed)
+    model = build_tiny_model(config.model.tiny, tokenizer)
+    if tmp_path is not None:
+        save_model(model, tokenizer, Path(tmp_path) / "policy")
+    return model, tokenizer
+
+
+TINY_LLAMA = TinyModelConfig(architecture="llama", n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=400)
+
+
+def tiny_chat_config(tmp_path: Path | None = None, name: str = "test", **overrides) -> ExperimentConfig:
+    """:func:`tiny_config` with chat prompts (a ChatML tokenizer) and a tiny Llama policy: the shape of
+    the pre-trained SmolLM2 path at test size."""
+    import dataclasses
+
+    from selfrank.train.config import PromptFormat
+
+    base = tiny_config(tmp_path, name)
+    sections = dict(
+        task=dataclasses.replace(base.task, prompt=PromptFormat(style="chat", qa_instruction="Answer.")),
+        model=ModelConfig(name="tiny", tiny=TINY_LLAMA),
+        sft=dataclasses.replace(base.sft, block_size=96),
+        reward=dataclasses.replace(base.reward, max_length=96),
+    )
+    sections.update(overrides)
+    return dataclasses.replace(base, **sections)
+
+
+def tiny_chat_policy(tmp_path: Path | None = None, config: ExperimentConfig | None = None, seed: int = 0):
+    """``(model, tokenizer)`` for chat prompts: a seeded tiny Llama (``config.model.tiny``) and a ChatML
+    tokenizer trained on the task's text; saved to ``tmp_path / "policy"`` when given."""
+    import torch
+
+    from selfrank.train.data.prompts import tokenizer_texts
+
+    config = config or tiny_chat_config(tmp_path)
+    data = make_task(config.task.synthetic, config.task.prompt)
+    tokenizer = train_bpe_tokenizer(tokenizer_texts(data, config.task.prompt), config.model.tiny.vocab_size, chat=True)
     torch.manual_seed(seed)
     model = build_tiny_model(config.model.tiny, tokenizer)
     if tmp_path is not None:

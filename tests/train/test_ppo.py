@@ -38,14 +38,15 @@ def _texts():
     return [f"{p} {' '.join(WORDS[i:i + 4])} {GOOD} no" for i, p in enumerate(PROMPTS)] * 4
 
 
-def build_world(root) -> dict:
+def build_world(root, architecture: str = "gpt2") -> dict:
     """A tiny SFT policy and a reward model trained (pairwise loss) to prefer answers made of "good"
     tokens (even ids) over answers made of "bad" ones (odd ids): a dense preference, so a random policy's
-    samples already differ in reward and PPO has something to climb. Deterministic (seeded)."""
+    samples already differ in reward and PPO has something to climb. Deterministic (seeded).
+    ``architecture``: the tiny policy's (``gpt2`` or ``llama``)."""
     torch.manual_seed(0)
     tokenizer = train_bpe_tokenizer(_texts(), vocab_size=300, extra_tokens=("<q>", "<a>"))
-    model = build_tiny_model(TinyModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=300),
-                             tokenizer)
+    model = build_tiny_model(TinyModelConfig(architecture=architecture, n_layer=2, n_embd=32, n_head=4, n_positions=64,
+                                             vocab_size=300), tokenizer)
     sft = root / "sft"
     save_model(model, tokenizer, sft)
 

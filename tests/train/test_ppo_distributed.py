@@ -66,15 +66,22 @@ def runs(tmp_path_factory) -> dict:
     lora = {**no_clip, "policy": "lora", "lora_r": 4}
     jobs = {"single": ("single", PPO), "single_noclip": ("single", no_clip), "ddp": ("ddp", {**PPO, "steps": 2}),
             "zero3": ("zero3", zero3), "single_lora": ("single", lora), "zero3_lora": ("zero3", lora)}
+    # The pre-trained SmolLM2's architecture (Llama: grouped key/value heads, tied embeddings, no biases)
+    # in its own world: the whole policy sharded by ZeRO-3 on 2 processes against one process.
+    llama = build_world(root / "llama", architecture="llama")
+    llama.update(prompts=world["prompts"], ds_config=world["ds_config"])
+    llama_jobs = {"llama/single": ("single", no_clip), "llama/zero3": ("zero3", no_clip)}
     # All at once: most of their time is start-up (imports, rendezvous, DeepSpeed), not compute.
     procs = {name: start(*command(kind, world, root / name, ppo), root / f"{name}.log")[0]
              for name, (kind, ppo) in jobs.items()}
+    procs |= {name: start(*command(kind, llama, root / name, ppo), root / f"{name.replace('/', '_')}.log")[0]
+              for name, (kind, ppo) in llama_jobs.items()}
     for name, proc in procs.items():
-        finish(proc, root / f"{name}.log", 300)
+        finish(proc, root / f"{name.replace('/', '_')}.log", 300)
     # The DDP run resumes its step-2 checkpoint on 2 processes and does step 3.
     finish(start(*command("ddp", world, root / "ddp", PPO, "--resume"), root / "ddp_resume.log")[0],
            root / "ddp_resume.log", 300)
-    return {name: root / name for name in jobs} | {"world": world}
+    return {name: root / name for name in [*jobs, *llama_jobs]} | {"world": world}
 
 
 def assert_same_trajectory(one: list[dict], two: list[dict]) -> None:
@@ -145,3 +152,13 @@ def test_zero3_lora_policy_follows_the_one_process_trajectory(runs):
     assert_same_trajectory(one, two)
     assert one[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the reference
     assert_same_models(runs["single_lora"], runs["zero3_lora"])  # saved merged, loadable in one process
+
+
+@pytest.mark.slow
+def test_zero3_llama_policy_follows_the_one_process_trajectory(runs):
+    info = json.loads((runs["llama/zero3"] / "run.json").read_text())
+    assert info["world_size"] == 2 and info["zero_stage"] == 3
+    assert_same_trajectory(read_log(runs["llama/single"]), read_log(runs["llama/zero3"]))
+    assert_same_models(runs["llama/single"], runs["llama/zero3"])  # sft: the llama world's own
+    actor, _ = load_model(runs["llama/zero3"] / "actor")
+    assert type(actor).__name__ == "LlamaForCausalLM"

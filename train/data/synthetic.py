@@ -19,6 +19,7 @@ import random
 
 from selfrank.train.config import PromptFormat, SyntheticTaskConfig
 from selfrank.train.data.examples import Example, TaskData
+from selfrank.train.data.prompts import markers_prompt, qa_parts
 
 NAMES = ("ann", "tom", "sam", "eva", "bob", "lia", "max", "zoe", "ian", "kim", "leo", "amy", "joe", "mia",
          "ben", "ivy", "dan", "eli", "gus", "ada")
@@ -80,9 +81,9 @@ def make_example(rng: random.Random, index: int, split: str, fmt: PromptFormat,
         detail = "add"
     else:
         context, question, answer, detail = _fact(rng, world)
-    prompt = f"{fmt.context} {context} {fmt.question} {question} {fmt.answer}"
-    return Example(id=f"{split}-{index}", prompt=prompt, target=answer, references=[answer],
-                   meta={"kind": kind, "detail": detail, "group": f"{split}-{index}"})
+    parts = qa_parts(context, question)
+    return Example(id=f"{split}-{index}", prompt=markers_prompt(parts, fmt), target=answer, references=[answer],
+                   meta={"kind": kind, "detail": detail, "group": f"{split}-{index}"}, parts=parts)
 
 
 def wrong_answer(rng: random.Random, example: Example, world: dict[str, dict[str, str]]) -> str:

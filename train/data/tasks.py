@@ -3,7 +3,8 @@
 Sources are local ``.jsonl`` / ``.json`` files (validated row by row; a bad row is a ``UserError`` naming
 ``file:line``) or a hub dataset name (``daily_dialog``, ``squad_v2``, ``cornell_movie_dialog``) loaded with
 ``datasets``. Prompts use the paper's markers: dialogue ``"<c> turn1 turn2 <a>"``, QA
-``"<c> context <q> question <a>"``.
+``"<c> context <q> question <a>"``; each example keeps its prompt's parts, and
+:func:`load_prompted_task` re-renders them for a chat policy (``train/data/prompts.py``).
 
 Splits never leak. A split that is not given (or names the same source as ``train``) is carved out of
 the training source by *group*: a SQuAD article title, or a dialogue (keyed by its first turn), so no
@@ -23,7 +24,8 @@ from selfrank.jsonl import read_jsonl
 
 from selfrank.train.config import PromptFormat, TaskConfig
 from selfrank.train.data.synthetic import make_task
-from selfrank.train.data.examples import SPLITS, Example, TaskData, dialogue_prompt, qa_prompt
+from selfrank.train.data.examples import SPLITS, Example, TaskData
+from selfrank.train.data.prompts import dialogue_parts, format_task, markers_prompt, qa_parts
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,9 @@ def _text_list(row: dict, key: str, where: str, *, allow_empty_list: bool = Fals
 def dialogue_example(row: dict, where: str, ident: str, fmt: PromptFormat) -> Example:
     turns = [t.strip() for t in _text_list(row, "context", where)]
     response = _text(row, "response", where).strip()
-    return Example(id=ident, prompt=dialogue_prompt(turns, fmt), target=response, references=[response],
-                   meta={"group": "dialogue:" + turns[0], "source": where})
+    parts = dialogue_parts(turns)
+    return Example(id=ident, prompt=markers_prompt(parts, fmt), target=response, references=[response],
+                   meta={"group": "dialogue:" + turns[0], "source": where}, parts=parts)
 
 
 def qa_example(row: dict, where: str, fmt: PromptFormat, unanswerable: str) -> Example:
@@ -84,8 +87,10 @@ def qa_example(row: dict, where: str, fmt: PromptFormat, unanswerable: str) -> E
         raise UserError(f"{where}: answerable question with no answers (set is_impossible or give answers)")
     references = [unanswerable] if impossible else list(dict.fromkeys(a.strip() for a in answers))
     group = "title:" + title if title.strip() else "context:" + context.strip()
-    return Example(id=ident, prompt=qa_prompt(context, question, fmt), target=references[0],
-                   references=references, meta={"group": group, "impossible": impossible, "source": where})
+    parts = qa_parts(context, question)
+    return Example(id=ident, prompt=markers_prompt(parts, fmt), target=references[0],
+                   references=references, meta={"group": group, "impossible": impossible, "source": where},
+                   parts=parts)
 
 
 # ----------------------------------------------------------------------------------------------- local files
@@ -280,3 +285,13 @@ def _load_files(cfg: TaskConfig) -> TaskData:
         train = parts["train"]
         loaded.update({name: parts[name] for name in missing})
     return TaskData(train, loaded["validation"], loaded["test"])
+
+
+def load_prompted_task(config, tokenizer) -> TaskData:
+    """The run's task with its prompts in the style of the policy whose tokenizer is ``tokenizer`` (a
+    tokenizer, or a model folder to read it from): what every stage that reads prompts uses."""
+    if isinstance(tokenizer, (str, Path)):
+        from selfrank.train.models.causal_lm import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(tokenizer), config.model)
+    return format_task(load_task(config.task), tokenizer, config)

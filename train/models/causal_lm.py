@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -35,19 +36,30 @@ log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
+# A tiny chat tokenizer's turn delimiters and template: ChatML, as SmolLM2's, without a default system
+# message. Its end of turn is its EOS.
+TURN_START = "<|im_start|>"
+TURN_END = "<|im_end|>"
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                   "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                   "{% endif %}")
 # Pickled weight files execute code when loaded; this project reads safetensors only.
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack",
                    "model.ckpt.index")
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
-                        extra_tokens: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+                        extra_tokens: Sequence[str] = (), chat: bool = False) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (GPT-2 style) on ``texts``.
 
     EOS and PAD are distinct special tokens: a model trained with pad == eos would learn to ignore its
     own stop token wherever padding is masked. ``extra_tokens`` (the prompt markers) are added as
-    special tokens so that they are never split and never appear in decoded answers.
+    special tokens so that they are never split and never appear in decoded answers. ``chat``: a
+    ChatML tokenizer instead (``<|im_start|>``/``<|im_end|>`` turns, EOS ``<|im_end|>``, a chat template),
+    shaped like SmolLM2's for tests of the chat path.
     """
+    if chat:
+        return _train_chat_tokenizer(texts, vocab_size)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     specials = [EOS_TOKEN, PAD_TOKEN, *[t for t in extra_tokens if t not in (EOS_TOKEN, PAD_TOKEN)]]
@@ -67,6 +79,24 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
     return tokenizer
 
 
+def _train_chat_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = [EOS_TOKEN, TURN_START, TURN_END, PAD_TOKEN]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(texts, trainer=trainer)
+    # Turn delimiters keep the newlines around them (no lstrip/rstrip), as in ChatML.
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=TURN_END, bos_token=TURN_START, unk_token=None, pad_token=PAD_TOKEN,
+        padding_side="left", truncation_side="left", clean_up_tokenization_spaces=False,
+        chat_template=CHATML_TEMPLATE)
+
+
 def _marker(token: str):
     from tokenizers import AddedToken
 
@@ -74,7 +104,9 @@ def _marker(token: str):
 
 
 def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A randomly initialised GPT-2-shaped model sized for ``tokenizer``."""
+    """A randomly initialised GPT-2-shaped (or Llama-shaped: ``cfg.architecture``) model sized for ``tokenizer``."""
+    if cfg.architecture == "llama":
+        return _build_tiny_llama(cfg, tokenizer)
     # GPT-2's own activation (tanh-approximated GELU) as one fused kernel: "gelu_new" computes the same
     # function (measured max difference 2.4e-7) in five elementwise ops, about 12% of a tiny model's PPO time.
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
@@ -83,6 +115,24 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) -
                         activation_function="gelu_pytorch_tanh")
     tokenizer.model_max_length = cfg.n_positions
     model = GPT2LMHeadModel(config)
+    _sync_special_ids(model, tokenizer)
+    return model
+
+
+def _build_tiny_llama(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """SmolLM2's architecture in miniature: grouped key/value heads (half as many as query heads, when
+    even), tied input/output embeddings, no bias terms, SiLU-gated MLP."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kv_heads = cfg.n_head // 2 if cfg.n_head % 2 == 0 else cfg.n_head
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd,
+                         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                         num_key_value_heads=kv_heads, max_position_embeddings=cfg.n_positions,
+                         tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    tokenizer.model_max_length = cfg.n_positions
+    model = LlamaForCausalLM(config)
     _sync_special_ids(model, tokenizer)
     return model
 
@@ -186,16 +236,36 @@ def add_extra_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         model.resize_token_embeddings(len(tokenizer))
 
 
-def init_policy(model_cfg: ModelConfig, train_texts: Sequence[str],
-                extra_tokens: Sequence[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The starting policy: a tiny model with a tokenizer trained on ``train_texts``, or a loaded LM."""
+def init_policy(model_cfg: ModelConfig, train_texts: Sequence[str], extra_tokens: Sequence[str],
+                style: str = "markers") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The starting policy: a tiny model with a tokenizer trained on ``train_texts``, or a loaded LM.
+
+    ``style`` (``task.prompt.style``): the prompt markers ``extra_tokens`` are registered only for
+    marker prompts; a tiny model for chat prompts gets a ChatML tokenizer (see ``train_bpe_tokenizer``)."""
+    from selfrank.train.data.prompts import resolve_style
+
     if model_cfg.name == "tiny":
-        tokenizer = train_bpe_tokenizer(train_texts, model_cfg.tiny.vocab_size, extra_tokens)
+        chat = resolve_style(style, "tiny") == "chat"
+        tokenizer = train_bpe_tokenizer(train_texts, model_cfg.tiny.vocab_size, () if chat else extra_tokens,
+                                        chat=chat)
         model = build_tiny_model(model_cfg.tiny, tokenizer)
         return model.to(_torch_dtype(model_cfg.dtype)), tokenizer
     model, tokenizer = load_causal_lm(model_cfg.name, model_cfg)
-    add_extra_tokens(model, tokenizer, extra_tokens)
+    if resolve_style(style, model_cfg.name, tokenizer) == "markers":
+        add_extra_tokens(model, tokenizer, extra_tokens)
     return model, tokenizer
+
+
+def load_tokenizer(folder: Path, model_cfg: ModelConfig | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a folder written by :func:`save_model` (no weights loaded)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: model folder not found (run the stage that writes it first)")
+    trust = bool(model_cfg.trust_remote_code) if model_cfg is not None else False
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    return tokenizer
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
@@ -232,21 +302,30 @@ def load_model(folder: Path, model_cfg: ModelConfig | None = None) -> tuple[PreT
 
 
 def encode_prompt_response(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int,
-                           add_eos: bool = True) -> tuple[list[int], int]:
-    """Token ids of ``prompt`` followed by ``response`` (+ EOS) and the prompt's length in tokens.
+                           add_eos: bool = True, keep_prompt: bool | None = None) -> tuple[list[int], int]:
+    """Token ids of ``prompt`` followed by ``response`` (+ its end of turn) and the prompt's length.
 
     The prompt is tokenized on its own, exactly as :func:`train.generation.generate` does, and the
-    response is tokenized after a single space (generated answers are decoded and stripped, so this
-    reproduces the ids a model emits for them). Too-long inputs lose the oldest prompt tokens first,
-    since the end of the prompt (the question and the answer marker) matters most; a response that alone
-    exceeds ``max_length - 1`` is cut at the right and then has no EOS (it did not end).
+    response as the model emits it after that prompt (:func:`response_token_ids`), ended by
+    ``stop_token_ids(tokenizer)[0]``: the same ids for SFT's targets, the reward model's texts and what
+    PPO scores. A response that alone exceeds ``max_length - 1`` is cut at the right and then has no end
+    (it did not end). Too-long inputs then lose the oldest prompt tokens first, since the end of a
+    marker prompt (the question and the answer marker) matters most; with ``keep_prompt`` (default:
+    whether ``prompt`` is a chat prompt, :func:`is_chat_prompt`; those are fitted to their budget when
+    formatted, and cutting their left would cut the template) the response is cut at the right
+    instead, as far as the prompt leaves room.
     """
     if max_length < 2:
         raise ValueError("max_length must be >= 2")
+    if keep_prompt is None:
+        keep_prompt = is_chat_prompt(tokenizer, prompt)
     prompt_ids = prompt_token_ids(tokenizer, prompt)
-    response_ids = response_token_ids(tokenizer, response)
+    response_ids = response_token_ids(tokenizer, response, prompt)
     if add_eos:
-        response_ids = response_ids + [tokenizer.eos_token_id]
+        response_ids = response_ids + [end_of_turn_id(tokenizer)]
+    room = max_length - len(prompt_ids)
+    if keep_prompt and room >= 1:
+        return prompt_ids + response_ids[:room], len(prompt_ids)
     if len(response_ids) > max_length - 1:
         response_ids = response_ids[: max_length - 1]
     room = max_length - len(response_ids)
@@ -260,8 +339,91 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[in
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
-def response_token_ids(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
+def answer_separator(prompt: str | None) -> str:
+    """What separates an answer from its prompt: nothing after a prompt ending in whitespace (a chat
+    template's generation prompt ends with a newline, and the model then starts its answer with a word
+    that carries no space: "France", not " France"), else one space (after a marker such as ``<a>``)."""
+    return "" if prompt and prompt[-1].isspace() else " "
+
+
+def response_token_ids(tokenizer: PreTrainedTokenizerBase, response: str, prompt: str | None = None) -> list[int]:
+    """The ids a model emits for ``response`` after ``prompt`` (see :func:`answer_separator`; without a
+    prompt, after a marker). Generated answers are decoded and stripped, so this reproduces their ids."""
     response = response.strip()
     if not response:
         return []
-    return list(tokenizer(" " + response, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(answer_separator(prompt) + response, add_special_tokens=False)["input_ids"])
+
+
+_STOP_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PROBE_ANSWER = "\u2063selfrank-answer\u2063"
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that ends an answer: the chat template's end of an assistant turn when the tokenizer
+    has a template (``<|im_end|>`` for ChatML), else EOS."""
+    return stop_token_ids(tokenizer)[0]
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids that end generation, the answer's own end of turn first (:func:`end_of_turn_id`), then
+    EOS when it differs. Found once per tokenizer by rendering an assistant turn with the template."""
+    return list(_template_facts(tokenizer)[0])
+
+
+def is_chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> bool:
+    """Whether ``prompt`` was rendered by ``tokenizer``'s chat template: it ends with the template's
+    generation prompt (``<|im_start|>assistant\n`` for ChatML), which no marker prompt does."""
+    suffix = _template_facts(tokenizer)[1]
+    return bool(suffix) and prompt.endswith(suffix)
+
+
+def _template_facts(tokenizer: PreTrainedTokenizerBase) -> tuple[tuple[int, ...], str]:
+    """``(stop ids, generation-prompt suffix)`` of a tokenizer, cached while its vocabulary is unchanged."""
+    key = (len(tokenizer), getattr(tokenizer, "chat_template", None))
+    cached = _STOP_IDS.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    facts = (tuple(_stop_ids(tokenizer)), _generation_suffix(tokenizer))
+    _STOP_IDS[tokenizer] = (key, facts)
+    return facts
+
+
+def _generation_suffix(tokenizer: PreTrainedTokenizerBase) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    messages = [{"role": "user", "content": _PROBE_ANSWER}]
+    try:
+        bare = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompted = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that cannot render a user turn has no usable generation prompt
+        return ""
+    return prompted[len(bare):] if prompted.startswith(bare) else ""
+
+
+def _stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    eos = tokenizer.eos_token_id
+    stops = [] if eos is None else [eos]
+    turn_end = _template_turn_end(tokenizer)
+    if turn_end is not None and turn_end not in stops:
+        stops.insert(0, turn_end)
+    elif turn_end is not None:
+        stops = [turn_end]
+    if not stops:
+        raise ValueError("the tokenizer has no EOS token (see train.models.causal_lm.load_causal_lm)")
+    return stops
+
+
+def _template_turn_end(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hello"},
+                                              {"role": "assistant", "content": _PROBE_ANSWER}], tokenize=False)
+    except Exception:  # a template that cannot render an assistant turn: fall back to EOS
+        return None
+    at = text.find(_PROBE_ANSWER)
+    if at < 0:
+        return None
+    after = tokenizer(text[at + len(_PROBE_ANSWER):], add_special_tokens=False)["input_ids"]
+    return after[0] if after and after[0] in set(tokenizer.all_special_ids) else None

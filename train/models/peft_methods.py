@@ -94,7 +94,7 @@ def prepare(model: nn.Module, method: str, cfg: SFTConfig) -> nn.Module:
         model.requires_grad_(False)
         biases = [p for name, p in model.named_parameters() if name.endswith(".bias")]
         if not biases:
-            raise UserError(f"sft.method: bitfit trains bias terms, and {type(model).__name__} has none")
+            biases = add_zero_biases(model)
         for p in biases:
             p.requires_grad_(True)
         return model
@@ -106,6 +106,65 @@ def prepare(model: nn.Module, method: str, cfg: SFTConfig) -> nn.Module:
     if method == "lora":
         return with_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, "sft.method")
     raise UserError(f"sft.method: unknown method {method!r}")
+
+
+# Config switches that give a bias-free architecture its bias terms (Llama, Mistral-style configs).
+BIAS_FLAGS = ("attention_bias", "mlp_bias")
+
+
+def missing_bias_names(model_config) -> dict[str, tuple[int, ...]]:
+    """Bias parameters (name -> shape) that the architecture of ``model_config`` would have with its
+    :data:`BIAS_FLAGS` on, and has not now. Built on the meta device: no memory, no weights."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    flags = [flag for flag in BIAS_FLAGS if getattr(model_config, flag, None) is False]
+    if not flags:
+        return {}
+    with_bias = copy.deepcopy(model_config)
+    for flag in flags:
+        setattr(with_bias, flag, True)
+    with torch.device("meta"):
+        before = AutoModelForCausalLM.from_config(model_config)
+        after = AutoModelForCausalLM.from_config(with_bias)
+    have = {name for name, _ in before.named_parameters()}
+    return {name: tuple(p.shape) for name, p in after.named_parameters() if name.endswith(".bias") and name not in have}
+
+
+def check_bitfit(model_config, architecture: str) -> None:
+    """Refuse BitFit for a model that has no bias terms and no switch to add them (before any writing)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    if any(name.endswith(".bias") for name, _ in skeleton.named_parameters()):
+        return
+    if not missing_bias_names(model_config):
+        raise UserError(f"sft.method: bitfit trains bias terms, and {architecture} has none (nor a config switch "
+                        f"such as {' / '.join(BIAS_FLAGS)} to add them); use lora or adapter")
+
+
+def add_zero_biases(model: nn.Module) -> list[nn.Parameter]:
+    """BitFit on a bias-free architecture (Llama): switch on its bias flags (:data:`BIAS_FLAGS`) and give
+    every linear layer those flags govern a zero bias, so the model computes exactly what it did; the
+    saved config carries the flags, so the folder reloads with the trained biases. Returns them."""
+    wanted = missing_bias_names(model.config)
+    if not wanted:
+        raise UserError(f"sft.method: bitfit trains bias terms, and {type(model).__name__} has none (nor a config "
+                        f"switch such as {' / '.join(BIAS_FLAGS)} to add them); use lora or adapter")
+    modules = dict(model.named_modules())
+    added = []
+    for name, shape in wanted.items():
+        owner = modules[name.rsplit(".", 1)[0]]
+        weight = owner.weight
+        bias = nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+        owner.bias = bias
+        added.append(bias)
+    for flag in BIAS_FLAGS:
+        if getattr(model.config, flag, None) is False:
+            setattr(model.config, flag, True)
+    return added
 
 
 def with_lora(model: nn.Module, r: int, alpha: int, dropout: float = 0.0, field: str = "sft.method") -> nn.Module:

@@ -2,19 +2,21 @@
 
 The tensors are what PPO needs (query and response ids with masks); the texts are what ranking and
 evaluation need. Everything after a sequence's first EOS is padding, so the response mask covers the
-real tokens and the EOS itself, and nothing that ``model.generate`` may have appended after it.
+real tokens and the EOS itself, and nothing that ``model.generate`` may have appended after it. "EOS" is
+any of the tokenizer's stop ids (``causal_lm.stop_token_ids``: a chat template's end of turn, then EOS).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from selfrank.errors import UserError
 
-from selfrank.train.models.causal_lm import prompt_token_ids
+from selfrank.train.models.causal_lm import prompt_token_ids, stop_token_ids
 
 
 @dataclass
@@ -42,9 +44,12 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def response_mask_after_eos(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mask, ended)``: mask is 1 up to and including the first EOS (all ones if none)."""
-    is_eos = response_ids == eos_id
+def response_mask_after_eos(response_ids: torch.Tensor,
+                            eos_id: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, ended)``: mask is 1 up to and including the first EOS (any of ``eos_id`` when a list;
+    all ones if none)."""
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=response_ids.dtype)
+    is_eos = torch.isin(response_ids, stops.to(response_ids.device))
     ended = is_eos.any(dim=1)
     # Number of EOS tokens strictly before each position; a position is real while that count is 0.
     before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
@@ -95,6 +100,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     if pad_id is None or eos_id is None:
         raise ValueError("the tokenizer needs a pad and an EOS token (see train.models.load_causal_lm)")
+    stops = stop_token_ids(tokenizer)
     if max_prompt_length is None:
         max_prompt_length = prompt_budget(model, max_new_tokens)
     rows = []
@@ -110,7 +116,8 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
 
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else \
         dict(do_sample=False)
-    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
+    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops[0] if len(stops) == 1 else stops,
+                                  pad_token_id=pad_id,
                                   bos_token_id=tokenizer.bos_token_id, **sampling)
     device = next(model.parameters()).device
     was_training = model.training
@@ -133,7 +140,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     for chunk in chunks:
         response_ids[offset:offset + chunk.shape[0], :chunk.shape[1]] = chunk
         offset += chunk.shape[0]
-    response_mask, ended = response_mask_after_eos(response_ids, eos_id)
+    response_mask, ended = response_mask_after_eos(response_ids, stops)
     response_ids = response_ids.masked_fill(response_mask == 0, pad_id)
     texts = [t.strip() for t in tokenizer.batch_decode(
         [row[mask.bool()].tolist() for row, mask in zip(response_ids, response_mask)], skip_special_tokens=True)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfrank.train.config import ExperimentConfig
-from selfrank.train.data.tasks import load_task
+from selfrank.train.data.tasks import load_prompted_task
 from selfrank.train.evaluation.evaluate import evaluate_rows
 from selfrank.train.rundir import RunDir
 from selfrank.train.stages.context import StageContext
@@ -22,8 +22,7 @@ def eval_rows(config: ExperimentConfig, run: RunDir) -> list[tuple[str, Path]]:
 
 
 def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) -> dict | None:
-    run.require("sft")
-    examples = load_task(config.task).test
+    examples = load_prompted_task(config, run.require("sft") / "model").test
     reward_folders = {v: run.root / "reward" / v / "model" for v in config.variants if run.is_done(f"reward/{v}")}
     ppo_logs = {v: run.root / "ppo" / v / "log.jsonl" for v in config.variants if run.is_done(f"ppo/{v}")}
     results = evaluate_rows(config, eval_rows(config, run), examples, run.stage("eval"),

@@ -52,7 +52,7 @@ from selfrank.jsonl import read_appended_rows
 from selfrank.ranking.engine import stable_seed
 from selfrank.train import dist
 from selfrank.train.config import VARIANTS, ExperimentConfig, PPOConfig
-from selfrank.train.data.tasks import load_task
+from selfrank.train.data.tasks import load_prompted_task
 from selfrank.train.dist.ranking_service import ranking_pool
 from selfrank.train.rl.ppo_math import (
     apply_missing_eos_penalty,
@@ -369,7 +369,7 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) 
     """The PPO stage: one policy per STR variant (``ppo/<variant>/``), each against its own reward model.
     Collective: the online variant ranks its rollouts through the node's pool."""
     sft_model = run.require("sft") / "model"
-    prompts = [ex.prompt for ex in load_task(config.task).train]
+    prompts = [ex.prompt for ex in load_prompted_task(config, sft_model).train]
 
     def train_one(variant: str, stage: str) -> dict:
         rm_folder = run.require(f"reward/{variant}") / "model"

@@ -83,6 +83,7 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext |
     from selfrank.ranking.ranker import Ranker
 
     from selfrank.train import dist
+    from selfrank.train.data.prompts import format_task
     from selfrank.train.data.tasks import load_task
     from selfrank.train.sampling.generation import generate
     from selfrank.train.models.causal_lm import load_model
@@ -104,9 +105,9 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext |
     if progress_path.is_file():  # rewritten without a torn last line: new rows start on their own line
         write_jsonl(progress_path, _read_progress(progress_path).values())
 
-    data = load_task(config.task)
-    examples = data.train[: config.sample.max_prompts] if config.sample.max_prompts else data.train
     model, tokenizer = load_model(sft_model, config.model)
+    data = format_task(load_task(config.task), tokenizer, config)
+    examples = data.train[: config.sample.max_prompts] if config.sample.max_prompts else data.train
     ranking = ranking_config_for(config)
     k, size = config.sample.samples_per_prompt, config.sample.batch_size
     batches = dist.round_robin([examples[start:start + size] for start in range(0, len(examples), size)])

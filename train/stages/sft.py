@@ -46,8 +46,9 @@ from selfrank.train.checkpoint import (
     save_checkpoint,
 )
 from selfrank.train.models import peft_methods
-from selfrank.train.config import ExperimentConfig
-from selfrank.train.data.examples import TaskData, prompt_markers
+from selfrank.train.config import ExperimentConfig, PromptFormat
+from selfrank.train.data.examples import TaskData
+from selfrank.train.data.prompts import format_task, prompt_markers, tokenizer_texts
 from selfrank.train.data.tasks import load_task
 from selfrank.train.models.causal_lm import encode_prompt_response, init_policy, load_model, save_model
 from selfrank.train.rundir import RunDir
@@ -66,7 +67,8 @@ def is_main_process() -> bool:
 
 
 def tokenize_examples(examples, tokenizer, block_size: int) -> list[tuple[list[int], int]]:
-    """``(ids, prompt_len)`` per example, at most ``block_size`` tokens (prompt cut from the left)."""
+    """``(ids, prompt_len)`` per example, at most ``block_size`` tokens (marker prompts cut from the left;
+    chat prompts, fitted to their budget when formatted, keep every token and long answers are cut)."""
     limit = block_size
     model_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(model_max, int) and 8 <= model_max < limit:
@@ -140,6 +142,7 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
     """
     out_folder = Path(out_folder)
     summary_path = out_folder / SUMMARY
+    data = format_task(data, tokenizer, config)  # chat policies read chat prompts
     if resume and summary_path.is_file() and (out_folder / "model").is_dir():
         log.info("sft %s: already trained (%s)", method, out_folder)
         return json.loads(summary_path.read_text())
@@ -272,9 +275,9 @@ def _curve(losses: list[float], points: int, start: int) -> list[list[float]]:
 
 # ----------------------------------------------------------------------------------------------- stage
 
-def training_texts(data: TaskData) -> list[str]:
+def training_texts(data: TaskData, fmt: PromptFormat | None = None) -> list[str]:
     """What the tiny tokenizer is trained on: the training prompts and answers (never eval text)."""
-    return [f"{ex.prompt} {ex.target}" for ex in data.train]
+    return tokenizer_texts(data, fmt or PromptFormat())
 
 
 def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext | None = None) -> dict:
@@ -291,7 +294,8 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext |
     acc = dist.get_accelerator()
 
     def build_original() -> None:
-        model, tokenizer = init_policy(config.model, training_texts(data), prompt_markers(config.task.prompt))
+        model, tokenizer = init_policy(config.model, training_texts(data, config.task.prompt),
+                                       prompt_markers(config.task.prompt), style=config.task.prompt.style)
         save_model(model, tokenizer, original)
 
     if not (resume and (original / "config.json").is_file()):
