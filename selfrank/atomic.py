@@ -138,9 +138,10 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True,
+                             target: str | None = None) -> list[Path]:
     """Clear what killed atomic writes left in ``folder`` (and below it if ``recursive``); returns
-    the paths removed.
+    the paths removed. With ``target``, only the temporaries of writes to that name.
 
     Call it only where no atomic write under ``folder`` can be in progress (a stage's folder as the
     stage starts, before any other process of the job goes on): it would pull a live write's
@@ -151,13 +152,16 @@ def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True) 
     removed: list[Path] = []
     for parent, dirs, files in os.walk(folder):  # symbolic links are not followed
         here = Path(parent)
+        def ours(pattern: re.Pattern, name: str) -> bool:
+            match = pattern.fullmatch(name)
+            return bool(match) and (target is None or match.group("target") == target)
+
         for name in files:
-            if _FILE_TEMP.fullmatch(name):
+            if ours(_FILE_TEMP, name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(here / name)
                 removed.append(here / name)
-        stale = [d for d in dirs if (_FOLDER_TEMP.fullmatch(d) or _FOLDER_OLD.fullmatch(d))
-                 and not (here / d).is_symlink()]
+        stale = [d for d in dirs if (ours(_FOLDER_TEMP, d) or ours(_FOLDER_OLD, d)) and not (here / d).is_symlink()]
         _restore_cut_swaps(here, [d for d in stale if _FOLDER_OLD.fullmatch(d)])
         for name in stale:
             shutil.rmtree(here / name, ignore_errors=True)

@@ -49,7 +49,7 @@ def conversion(tmp_path_factory, real_gguf) -> dict:
     models, target = root / "models", root / "models" / NAME
 
     def leftovers():
-        return sorted(p.name for p in models.glob(f".{NAME}.tmp-*")) if models.is_dir() else []
+        return sorted(p.name for p in models.glob(f".{NAME}.selfrank.tmp-*")) if models.is_dir() else []
 
     killed = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = wait_for(lambda: bool(leftovers()), killed, timeout=300)

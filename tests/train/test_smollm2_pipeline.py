@@ -23,7 +23,7 @@ def test_smollm2_squad_v2_through_every_stage(tmp_path, shared_data):
         "task.train": str(shared_data / "squad_v2" / "dev.jsonl"),
         "task.max_train": 8, "task.max_validation": 4, "task.max_test": 4, "task.prompt.max_tokens": 96,
         "sft.max_steps": 2, "sft.batch_size": 4, "sft.block_size": 112, "sft.baselines": "[]",
-        "sample.k": 2, "sample.max_new_tokens": 8, "sample.max_prompts": 4, "sample.batch_size": 4,
+        "sample.samples_per_prompt": 2, "sample.max_new_tokens": 8, "sample.max_prompts": 4, "sample.batch_size": 4,
         "sample.async_ranking": "false",
         "reward.max_steps": 2, "reward.batch_size": 2, "reward.max_length": 112, "reward.heldout_fraction": 0.25,
         "ppo.steps": 2, "ppo.batch_size": 2, "ppo.samples_per_prompt": 1, "ppo.minibatches": 1, "ppo.ppo_epochs": 1,

@@ -32,12 +32,11 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfrank.atomic import write_json
+from selfrank.atomic import remove_stale_temporaries, write_json
 from selfrank.errors import UserError
 from selfrank.logs import quieter
 
@@ -222,7 +221,8 @@ def _convert_once(gguf: Path, source_sha256: str, target: Path) -> Path:
             fcntl.flock(lock, fcntl.LOCK_EX)
         if is_valid_cache(target, source_sha256):
             return target
-        _remove_leftovers(target)
+        # Under the lock: no other conversion of this model runs, so its temporaries are a killed one's.
+        remove_stale_temporaries(target.parent, recursive=False, target=target.name)
         log.info("converting %s into %s (once; under a minute on 2 cores)", gguf, target)
         try:
             with atomic_folder(target) as tmp:
@@ -231,14 +231,6 @@ def _convert_once(gguf: Path, source_sha256: str, target: Path) -> Path:
             raise UserError(f"cannot write the converted model into {folder} ({exc.strerror or exc}); free some "
                             f"space or set {CACHE_ENV} to another folder") from None
     return target
-
-
-def _remove_leftovers(target: Path) -> None:
-    # Only called under the lock: no other conversion of this model is running, so any temporary
-    # sibling is a killed conversion's.
-    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
-        for stale in target.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _convert(gguf: Path, out: Path, source_sha256: str) -> None:
