@@ -176,3 +176,38 @@ def test_ppo_under_bf16_reference_and_actor_compute_alike(ppo_world, tmp_path, p
     assert after.state_dict()[norm].dtype == torch.float32
     if policy == "full":  # lr 1e-5 on weights of 1.0: kept (bf16 weights would not move)
         assert not torch.equal(after.state_dict()[norm], before.state_dict()[norm])
+
+
+def test_whole_pipeline_computes_in_bf16_with_every_switch_on(tmp_path):
+    """One process, every stage, bf16 mixed precision with activation checkpointing, eager attention and
+    a cosine PPO schedule: every transformer projection computes in bf16 (training, sampling, scoring,
+    evaluation), and the saved models are float32."""
+    from transformers.pytorch_utils import Conv1D
+
+    from selfrank.train.config import PPOConfig
+    from selfrank.train.pipeline import run_pipeline
+    from selfrank.train.rundir import RunDir
+
+    config = tiny_config(tmp_path, name="bf16", variants=["str"],
+                         model=ModelConfig(name="tiny", tiny=TINY_MODEL, mixed_precision="bf16",
+                                           gradient_checkpointing=True, attn_implementation="eager"),
+                         ppo=PPOConfig(steps=3, batch_size=4, minibatches=2, ppo_epochs=1, max_new_tokens=8,
+                                       save_every=1, lr_schedule="cosine"))
+    dtypes = set()
+
+    def record(module, args, output):
+        if isinstance(module, Conv1D):
+            dtypes.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        run_pipeline(config)
+    finally:
+        handle.remove()
+    assert dtypes == {torch.bfloat16}
+    run = RunDir(tmp_path / "bf16")
+    assert run.is_done("eval")
+    rows = [json.loads(line) for line in (run.root / "ppo" / "str" / "log.jsonl").read_text().splitlines()]
+    assert [r["lr/actor"] for r in rows] == sorted((r["lr/actor"] for r in rows), reverse=True)
+    assert load_file(str(run.root / "ppo" / "str" / "actor" / "model.safetensors"))["transformer.ln_f.weight"].dtype \
+        == torch.float32

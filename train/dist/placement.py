@@ -124,7 +124,12 @@ def prepare_frozen(model: nn.Module, accelerator, offload: bool = False) -> nn.M
         return engine
     model = model.to(accelerator.device)
     if uses_deepspeed(accelerator) and accelerator.mixed_precision != "no":
-        model = model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[accelerator.mixed_precision])
+        # As DeepSpeed casts the trained module: parameters to 16 bits, float32 buffers kept (e.g. the
+        # reward model's normaliser).
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[accelerator.mixed_precision]
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
     return autocast_forward(model, accelerator).eval()
 
 

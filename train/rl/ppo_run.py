@@ -152,7 +152,7 @@ def start_run(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
     # the job's autocast as the trained forward is.
     ref = (dist.autocast_forward(AdapterDisabled(actor), acc) if lora
            else dist.prepare_frozen(ref, acc, offload=cfg.offload_reference))
-    rm_run = rm if online_rm else dist.prepare_frozen(rm, acc, offload=cfg.offload_reward)
+    rm_run = dist.autocast_forward(rm, acc) if online_rm else dist.prepare_frozen(rm, acc, offload=cfg.offload_reward)
     refresher = OnlineRewardRefresher(rm, rm.tokenizer or tokenizer, config) if online_rm else None
     if progress.step > 0:
         # A torch optimizer's state is in optim.pt; a DeepSpeed engine's partitions in deepspeed/.
