@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # GPU check: the STR pipeline (sft, sample, reward, ppo) on a GPT-2-small sized model (12 layers, 768 dim,
-# 12 heads, vocab from the task's BPE tokenizer; random init, built from its config) with bf16, under
-# DeepSpeed ZeRO-2 and then ZeRO-3, on every visible GPU, through `accelerate launch`. Prints, per run
-# and stage, the wall time, samples/s (episodes/s and tokens/s for PPO) and the peak GPU memory
+# 12 heads, vocab from the task's BPE tokenizer; random init, built from its config) under DeepSpeed
+# ZeRO-2 and then ZeRO-3, on every visible GPU, through `accelerate launch`, with bf16 mixed precision
+# switched on by the experiment's model.mixed_precision (float32 master weights; the DeepSpeed JSON
+# leaves bf16 at "auto" and the launcher at --mixed_precision no). The ZeRO-2 run then checks a PPO run
+# cut after step 2 and resumed: the optimizer state must come back exactly. Prints, per run and stage,
+# the wall time, samples/s (episodes/s and tokens/s for PPO) and the peak GPU memory
 # (torch.cuda.max_memory_allocated, largest over processes), also written to OUT/gpu_check_<run>.json.
 # Downloads nothing: it needs the project's Python environment already installed (PYTHON or .venv).
-# Target: under ~8 minutes on one H200.
+# Target: about 5 minutes on one H200 (each run is one launch, well under 10 minutes).
 #
-#   bash bench/gpu_check.sh [--out DIR] [--stages "zero2 zero3"] [--embedder NAME]
-#   bash bench/gpu_check.sh --cpu --tiny     # the same wiring on CPU (gloo, fp32, 2 processes, tiny model)
+#   bash bench/gpu_check.sh [--out DIR] [--stages "zero2 zero3"] [--embedder NAME] [--precision bf16|no]
+#   bash bench/gpu_check.sh --cpu --tiny     # the same wiring on CPU (gloo, bf16, 2 processes, tiny model)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,14 +21,16 @@ RUNS="zero2 zero3"
 CPU=0
 TINY=0
 EMBEDDER="lexical"
+PRECISION=bf16
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --stages|--runs) RUNS="$2"; shift 2 ;;
     --embedder) EMBEDDER="$2"; shift 2 ;;
+    --precision) PRECISION="$2"; shift 2 ;;
     --cpu) CPU=1; shift ;;
     --tiny) TINY=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -42,7 +47,6 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensio
 
 if [[ $CPU -eq 1 ]]; then
   NPROC=2
-  PRECISION=no
   export OMP_NUM_THREADS=1
 else
   # Fail fast, before any launch, when there is no usable GPU.
@@ -50,7 +54,6 @@ else
     echo "gpu_check: no CUDA GPU visible to torch ($PYTHON); use --cpu --tiny for the CPU wiring check" >&2
     exit 1
   fi
-  PRECISION=bf16
 fi
 TINY_FLAG=()
 [[ $TINY -eq 1 ]] && TINY_FLAG=(--tiny)
@@ -63,7 +66,10 @@ for RUN in $RUNS; do
     *) echo "gpu_check: unknown run $RUN (zero2, zero3)" >&2; exit 2 ;;
   esac
   CONFIG="$OUT/ds_$RUN.json"
-  if [[ $PRECISION == bf16 ]]; then BF16='"bf16": {"enabled": "auto"},'; else BF16=""; fi
+  # bf16 "auto": model.mixed_precision (--mixed-precision below) decides, as with the shipped JSONs.
+  BF16='"bf16": {"enabled": "auto"},'
+  RESUME=()
+  [[ $STAGE -eq 2 ]] && RESUME=(--resume-check)
   if [[ $STAGE -eq 3 ]]; then
     ZERO='{"stage": 3, "stage3_gather_16bit_weights_on_model_save": true}'
   else
@@ -76,10 +82,12 @@ JSON
   PORT=$(( 29500 + RANDOM % 2000 ))
   started=$(date +%s)
   # DeepSpeed must not see ACCELERATE_USE_CPU (accelerate would drop DeepSpeed); on CPU it uses gloo.
+  # The launcher stays at --mixed_precision no: the experiment's model.mixed_precision is the one setting.
   env -u ACCELERATE_USE_CPU "$ACCELERATE" launch --num_processes "$NPROC" --num_machines 1 \
-    --mixed_precision "$PRECISION" --dynamo_backend no --main_process_port "$PORT" \
+    --mixed_precision no --dynamo_backend no --main_process_port "$PORT" \
     --use_deepspeed --deepspeed_config_file "$CONFIG" \
-    "$HERE/gpu_check.py" --out "$OUT" --label "$RUN" --embedder "$EMBEDDER" "${TINY_FLAG[@]}" \
+    "$HERE/gpu_check.py" --out "$OUT" --label "$RUN" --embedder "$EMBEDDER" --mixed-precision "$PRECISION" \
+    "${TINY_FLAG[@]}" "${RESUME[@]}" \
     > "$OUT/$RUN.log" 2>&1 || { tail -n 60 "$OUT/$RUN.log" >&2; echo "gpu_check: $RUN failed (log: $OUT/$RUN.log)" >&2; exit 1; }
   grep -E "^ *$RUN " "$OUT/$RUN.log" || true
   echo "gpu_check: $RUN done in $(( $(date +%s) - started )) s"

@@ -295,7 +295,7 @@ def slurm_command(args) -> int:
         stage=args.stage,
         cpu=args.cpu,
         run_dir=run_dir,
-        mixed_precision={"bfloat16": "bf16", "float16": "fp16"}.get(config.model.dtype, "no"),
+        mixed_precision=config.model.mixed_precision,
     )
     target = Path(args.output) if args.output else run_dir / "job.sbatch"
     write_text(target, script)

@@ -12,6 +12,13 @@ State is read with ``torch.load(weights_only=True)``; weights are safetensors.
 Weights come as a module (its whole state, tied tensors stored once and restored by the module's own
 ties) or as a mapping name -> tensor (e.g. only the trainable parameters, or full weights gathered from
 ZeRO-3 partitions); a mapping is loaded back into the same names of a module or a mapping of parameters.
+
+Under DeepSpeed the optimizer state is partitioned across processes: each process writes its own part
+with DeepSpeed's checkpoint writer into ``<folder>.new/deepspeed/<name>/`` first (``staged``, see
+``train/dist/engine_state.py``), then the main process writes the files above, hashes everything the
+staging folder holds (the staged files' hashes come from the processes that hashed them) and swaps it
+in as one folder: the same atomicity, with several writers. ``checksums.json`` names files by their path
+relative to the folder. Files under ``deepspeed/`` are verified by the processes that load them.
 """
 from __future__ import annotations
 
@@ -35,6 +42,8 @@ log = logging.getLogger(__name__)
 
 CHECKSUMS = "checksums.json"
 STATE = "state.json"
+OPTIM = "optim.pt"
+ENGINE_DIR = "deepspeed"  # DeepSpeed's own per-process files (train/dist/engine_state.py)
 Weights = Union[torch.nn.Module, Mapping[str, torch.Tensor]]
 
 
@@ -110,27 +119,55 @@ def _load_into(target: Weights, tensors: dict[str, torch.Tensor], where: Path) -
             own[name].copy_(tensor.to(own[name].device, own[name].dtype))
 
 
-def save_checkpoint(folder: str | os.PathLike, *, models: Mapping[str, Weights],
-                    optimizers: Mapping[str, object] | None = None, state: dict | None = None) -> None:
-    """Write a checkpoint to ``folder`` atomically. ``optimizers`` maps a name to anything with a
-    ``state_dict()`` (optimizers, schedulers) or to a state dict itself; ``state`` must be JSON-able."""
+def staging_folder(folder: str | os.PathLike) -> Path:
+    """Where a checkpoint of ``folder`` is written before it is swapped in (never read by a resume)."""
     folder = Path(folder)
-    staging = folder.with_name(folder.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    return folder.with_name(folder.name + ".new")
+
+
+def file_digest(path: Path, sync: bool = False) -> str:
+    """SHA-256 of a file; ``sync``: also flush it to stable storage (fsync) first."""
+    if sync:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    return _sha256(path)
+
+
+def save_checkpoint(folder: str | os.PathLike, *, models: Mapping[str, Weights],
+                    optimizers: Mapping[str, object] | None = None, state: dict | None = None,
+                    staged: Mapping[str, str] | None = None) -> None:
+    """Write a checkpoint to ``folder`` atomically. ``optimizers`` maps a name to anything with a
+    ``state_dict()`` (optimizers, schedulers) or to a state dict itself; ``state`` must be JSON-able.
+
+    ``staged``: files other processes already wrote (and synced) into :func:`staging_folder`, as relative
+    path -> SHA-256; they become part of this checkpoint. Without it the staging folder starts empty."""
+    folder = Path(folder)
+    staging = staging_folder(folder)
+    if staged is None:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    elif not staging.is_dir():
+        raise CheckpointError(f"checkpoint {folder}: the staged files are gone ({staging} does not exist)")
     try:
         with naming_disk_full(folder):
             for name, weights in models.items():
                 save_file(_tensors_to_save(weights), str(staging / f"{name}.safetensors"))
             optim = {name: opt if isinstance(opt, dict) else opt.state_dict() for name, opt in (optimizers or {}).items()}
-            torch.save(optim, staging / "optim.pt")
+            torch.save(optim, staging / OPTIM)
             torch.save(rng_state(), staging / "rng.pt")
             (staging / STATE).write_text(json.dumps(state or {}, indent=2, default=str))
-            sums = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+            sums = {}
+            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+                name = path.relative_to(staging).as_posix()
+                # Staged files were hashed and synced by the process that reported them; the rest here.
+                sums[name] = staged[name] if staged and name in staged else file_digest(path, sync=True)
+            missing = sorted(set(staged or {}) - set(sums))
+            if missing:
+                raise CheckpointError(f"checkpoint {folder}: staged file {missing[0]} is not visible to the main "
+                                      "process (the output folder must be on a filesystem every process shares)")
             (staging / CHECKSUMS).write_text(json.dumps(sums, indent=2))
-            for path in staging.iterdir():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
+            with open(staging / CHECKSUMS, "rb") as handle:
+                os.fsync(handle.fileno())
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # never leave a half-written copy beside the checkpoint
         raise
@@ -162,18 +199,34 @@ def discard_checkpoint(folder: str | os.PathLike) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def verify_checkpoint(folder: Path) -> None:
+def checksums(folder: Path) -> dict[str, str]:
+    """A checkpoint's ``checksums.json``: relative path -> SHA-256."""
     try:
-        sums = json.loads((folder / CHECKSUMS).read_text())
+        return json.loads((folder / CHECKSUMS).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {folder}: unreadable {CHECKSUMS} ({exc})") from None
-    for name, expected in sums.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {folder}: {name} is missing")
-        if _sha256(path) != expected:
-            raise CheckpointError(f"checkpoint {folder}: {name} is corrupted (SHA-256 mismatch); "
-                                  "delete the folder to restart the stage, or restore it")
+
+
+def file_problem(folder: Path, name: str, expected: str) -> str | None:
+    """Why ``folder/name`` fails its checksum (one line), or None when it is intact."""
+    path = folder / name
+    if not path.is_file():
+        return f"checkpoint {folder}: {name} is missing"
+    if _sha256(path) != expected:
+        return (f"checkpoint {folder}: {name} is corrupted (SHA-256 mismatch); delete the folder to restart the "
+                "stage, or restore it")
+    return None
+
+
+def verify_checkpoint(folder: Path, *, engine_files: bool = False) -> None:
+    """Check every file against ``checksums.json``; the DeepSpeed files (``deepspeed/``) only when
+    ``engine_files`` (the processes that load them verify them, each its share)."""
+    for name, expected in checksums(folder).items():
+        if not engine_files and name.startswith(ENGINE_DIR + "/"):
+            continue
+        problem = file_problem(folder, name, expected)
+        if problem:
+            raise CheckpointError(problem)
 
 
 def read_state(folder: str | os.PathLike) -> dict | None:
@@ -215,15 +268,16 @@ def load_checkpoint(folder: str | os.PathLike, *, models: Mapping[str, Weights],
 
 
 def load_optimizers(folder: str | os.PathLike, optimizers: Mapping[str, object]) -> None:
-    """Load optimizer/scheduler states by name. One the checkpoint does not hold (DeepSpeed partitions
-    optimizer states, so a DeepSpeed run saves none) restarts, with a warning."""
+    """Load optimizer/scheduler states by name; each must be in the checkpoint (a DeepSpeed engine's
+    partitioned state is not: it is in ``deepspeed/``, loaded by ``train/dist/engine_state.py``)."""
     found = find_checkpoint(folder)
     if found is None:
         raise CheckpointError(f"no checkpoint to resume from in {folder}")
-    states = torch.load(found / "optim.pt", weights_only=True)
+    states = torch.load(found / OPTIM, weights_only=True)
     for name, opt in optimizers.items():
-        if name in states:
-            opt.load_state_dict(states[name])
-        else:
-            log.warning("checkpoint %s holds no %s state (saved under DeepSpeed, which partitions it): "
-                        "it restarts", found, name)
+        if name not in states:
+            where = (" (it was written under DeepSpeed, which keeps that state partitioned: resume under the "
+                     "same DeepSpeed launch)" if (found / ENGINE_DIR).is_dir() else "")
+            raise CheckpointError(f"checkpoint {found} holds no {name} state{where}; run again without --resume "
+                                  "(or with --force) to start over")
+        opt.load_state_dict(states[name])

@@ -13,6 +13,7 @@ from selfrank.validate import check_choice, check_range
 TASK_KINDS = ("synthetic", "qa", "dialogue")
 SFT_METHODS = ("full", "lora", "bitfit", "adapter", "none")
 STAGES = ("sft", "sample", "reward", "ppo", "eval")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,10 @@ class TinyModelConfig:
             raise UserError(f"model.tiny.n_embd: must be divisible by n_head ({self.n_head}), got {self.n_embd}")
 
 
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
 @dataclass
 class ModelConfig:
     # "tiny", a hub name ("gpt2", "EleutherAI/gpt-neo-125m"), a local save_pretrained folder, a packaged
@@ -141,11 +146,28 @@ class ModelConfig:
     name: str = "tiny"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     trust_remote_code: bool = False
+    # How weights are stored and loaded. Trained weights stay float32 (the master copy): in bfloat16,
+    # 0.05 + 3e-5 == 0.05, so small updates would be lost (half weights are refused for training outside
+    # DeepSpeed, whose optimizer keeps its own float32 copy). Half weights suit inference-only use.
     dtype: str = "float32"
+    # How the model computes (train/precision.py): "bf16"/"fp16" run forwards under autocast with float32
+    # master weights (DeepSpeed: its bf16/fp16 mode, switched on from this one setting); "no": float32.
+    # The one source of truth: a launcher's --mixed_precision or a DeepSpeed JSON that says otherwise is refused.
+    mixed_precision: str = "no"
+    # Recompute activations in the backward pass instead of keeping them (less memory, ~1/3 more compute);
+    # applied to every trained network (policy, reward model, critic). Off during generation.
+    gradient_checkpointing: bool = False
+    # Attention kernel: "sdpa" (torch's fused attention), "eager" (plain matmuls) or "flash_attention_2"
+    # (needs the flash-attn package and a CUDA GPU; refused where it is not installed).
+    attn_implementation: str = "sdpa"
     revision: str | None = None
 
     def __post_init__(self):
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("model.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        check_choice("model.attn_implementation", self.attn_implementation, ATTENTION_IMPLEMENTATIONS)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise UserError(f"model.gradient_checkpointing: expected true or false, got {self.gradient_checkpointing!r}")
         if not isinstance(self.name, str) or not self.name.strip():
             raise UserError("model.name: must be a non-empty string")
 
@@ -198,7 +220,9 @@ class SampleConfig:
     samples_per_prompt: int = 8  # K, answers per prompt (paper: not given; its human study used 4)
     temperature: float = 0.8  # paper
     top_p: float = 0.95  # paper
-    max_new_tokens: int = 64  # paper: < 100
+    # Paper: < 100 (the default stays below); larger values are allowed: prompt + answer must fit the
+    # model's context, so long prompts lose their oldest tokens (train/sampling/generation.prompt_budget).
+    max_new_tokens: int = 64
     max_prompts: int | None = None
     batch_size: int = 16  # prompts per generate() call
     workers: int = 1  # CPU ranking workers per node (one pool per node, shared by its processes)
@@ -209,7 +233,7 @@ class SampleConfig:
         check_range("sample.samples_per_prompt", self.samples_per_prompt, 2)
         check_range("sample.temperature", self.temperature, 0.0, low_open=True)
         check_range("sample.top_p", self.top_p, 0.0, 1.0, low_open=True)
-        check_range("sample.max_new_tokens", self.max_new_tokens, 1, 99)
+        check_range("sample.max_new_tokens", self.max_new_tokens, 1)
         check_range("sample.batch_size", self.batch_size, 1)
         check_range("sample.workers", self.workers, 1)
         if self.max_prompts is not None:
@@ -266,6 +290,12 @@ class PPOConfig:
     top_p: float = 1.0
     max_new_tokens: int = 32
     max_grad_norm: float = 1.0
+    # Learning-rate schedule over the PPO steps, for actor and critic alike: "constant" (paper), or
+    # "linear" / "cosine" decay to 0 after ``warmup_steps`` steps of linear warm-up (train/optim.lr_factor).
+    # A function of the step, so a resumed run continues it exactly; decaying schedules depend on
+    # ``steps``, which then cannot change on resume.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     # Beyond the paper: refresh the RM from ranked rollouts every N steps (0 = off).
     online_rm_every: int = 0
     online_rm_max_staleness: int = 2
@@ -291,6 +321,8 @@ class PPOConfig:
     def __post_init__(self):
         check_choice("ppo.policy", self.policy, ("full", "lora"))
         check_choice("ppo.rollout_logprobs", self.rollout_logprobs, ("auto", "sampling", "forward"))
+        check_choice("ppo.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_range("ppo.warmup_steps", self.warmup_steps, 0)
         for name in ("steps", "batch_size", "samples_per_prompt", "ppo_epochs", "minibatches", "max_new_tokens",
                      "save_every", "lora_r", "lora_alpha"):
             check_range(f"ppo.{name}", getattr(self, name), 1)
@@ -331,6 +363,7 @@ class EvalConfig:
     def __post_init__(self):
         if self.max_examples is not None:
             check_range("eval.max_examples", self.max_examples, 1)
+        check_range("eval.max_new_tokens", self.max_new_tokens, 1)
         check_range("eval.bootstrap", self.bootstrap, 10)
         check_range("eval.temperature", self.temperature, 0.0, low_open=True)
         check_range("eval.top_p", self.top_p, 0.0, 1.0, low_open=True)
@@ -388,5 +421,14 @@ class ExperimentConfig:
         if interval is not None and interval >= self.sample.samples_per_prompt:
             raise UserError(f"ranking.pairs.interval: IL must be < sample.samples_per_prompt "
                             f"({self.sample.samples_per_prompt}), got {interval}")
+        if self.model.name == "tiny":
+            # The tiny model's context is known now: refuse an answer length that leaves no room for a prompt.
+            context = self.model.tiny.n_positions
+            for name, value in (("sample.max_new_tokens", self.sample.max_new_tokens),
+                                ("ppo.max_new_tokens", self.ppo.max_new_tokens),
+                                ("eval.max_new_tokens", self.eval.max_new_tokens)):
+                if value >= context:
+                    raise UserError(f"{name}: {value} leaves no room for the prompt in the {context}-token tiny "
+                                    f"model (model.tiny.n_positions); use fewer tokens or a longer context")
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name):
             raise UserError(f"name: letters, digits, '.', '_' and '-' only (it names the run folder); got {self.name!r}")

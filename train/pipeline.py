@@ -141,6 +141,7 @@ def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, r
         torch.set_num_threads(config.torch_threads)
     hooks = Hooks(**{name: fn for name, fn in (("log", log), ("log_table", log_table), ("log_files", log_files))
                      if fn is not None})
+    dist.get_accelerator(mixed_precision=config.model.mixed_precision)  # the run's precision, set once (train/precision.py)
     barrier = Barrier()
     ctx = StageContext(hooks, barrier)
     run = RunDir.for_config(config)

@@ -3,7 +3,9 @@
 Sampling is seeded per answer (position in the global batch), so the rollouts of a 1-process and a
 2-process run are the same episodes, and the whole trajectory must agree up to float summation order:
 per-step policy/value losses, reward mean and KL (the adaptive KL controller is on, so a wrong global
-KL would show in later steps). The DDP run stops after 2 steps and resumes on 2 processes for the 3rd.
+KL would show in later steps). The DDP, ZeRO-2 and ZeRO-3 runs stop after 2 steps and a second launch
+resumes each on 2 processes for the 3rd: under DeepSpeed the 4 optimizer steps of step 3 (AdamW, lr
+1e-3) only follow the one-process run if the engine's partitioned optimizer state was checkpointed.
 Under DeepSpeed the engine clips the joint actor+critic gradient, so that comparison turns clipping off
 on both sides; the DDP one keeps the default per-network clipping at 1.0.
 
@@ -21,6 +23,7 @@ import pytest
 import torch
 
 from tests.train.test_distributed import ACCELERATE, DS_CONFIG, finish, free_port, start, worker_env
+from selfrank.train.checkpoint import ENGINE_DIR
 from tests.train.test_ppo import PROMPTS, build_world
 from selfrank.train.models.causal_lm import load_model
 from selfrank.train.models.reward_model import encode_pairs, pad_batch
@@ -42,8 +45,8 @@ def command(kind: str, world: dict, out: Path, ppo: dict, *extra: str) -> tuple[
               "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     if kind == "ddp":
         return [*common[:2], "--multi_gpu", *common[2:], *args], worker_env(ACCELERATE_USE_CPU="1")
-    return [*common[:2], "--use_deepspeed", "--deepspeed_config_file", str(world["ds_config"]), *common[2:], *args], \
-        worker_env()
+    return [*common[:2], "--use_deepspeed", "--deepspeed_config_file", str(world[f"ds_{kind}"]), *common[2:],
+            *args], worker_env()
 
 
 def read_log(folder: Path) -> list[dict]:
@@ -57,30 +60,38 @@ def runs(tmp_path_factory) -> dict:
     world = build_world(root)
     world["prompts"] = root / "prompts.json"
     world["prompts"].write_text(json.dumps(PROMPTS))
-    world["ds_config"] = root / "ds.json"
-    world["ds_config"].write_text(json.dumps(DS_CONFIG))
+    world["ds_zero3"] = root / "ds_zero3.json"
+    world["ds_zero3"].write_text(json.dumps(DS_CONFIG))
+    world["ds_zero2"] = root / "ds_zero2.json"
+    world["ds_zero2"].write_text(json.dumps({**DS_CONFIG, "zero_optimization": {"stage": 2}}))
     no_clip = {**PPO, "max_grad_norm": 0.0}
     # ZeRO-3: reference and reward model as ZeRO-3 inference engines, the reference offloaded.
     zero3 = {**no_clip, "offload_reference": True}
     # LoRA under ZeRO-3: adapters train, the reference is the actor with its adapters off.
     lora = {**no_clip, "policy": "lora", "lora_r": 4}
-    jobs = {"single": ("single", PPO), "single_noclip": ("single", no_clip), "ddp": ("ddp", {**PPO, "steps": 2}),
-            "zero3": ("zero3", zero3), "single_lora": ("single", lora), "zero3_lora": ("zero3", lora)}
+    jobs = {"single": ("single", PPO), "single_noclip": ("single", no_clip), "ddp": ("ddp", PPO),
+            "zero3": ("zero3", zero3), "zero2": ("zero2", no_clip), "single_lora": ("single", lora),
+            "zero3_lora": ("zero3", lora), "zero2_bf16": ("zero2", {**no_clip, "steps": 2})}
+    cut = ("ddp", "zero3", "zero2")  # stopped after 2 of 3 steps, then resumed by a second launch
+    extra = {"zero2_bf16": ("--mixed-precision", "bf16")}  # model.mixed_precision: bf16 under DeepSpeed
     # The pre-trained SmolLM2's architecture (Llama: grouped key/value heads, tied embeddings, no biases)
     # in its own world: the whole policy sharded by ZeRO-3 on 2 processes against one process.
     llama = build_world(root / "llama", architecture="llama")
-    llama.update(prompts=world["prompts"], ds_config=world["ds_config"])
+    llama.update(prompts=world["prompts"], ds_zero3=world["ds_zero3"])
     llama_jobs = {"llama/single": ("single", no_clip), "llama/zero3": ("zero3", no_clip)}
     # All at once: most of their time is start-up (imports, rendezvous, DeepSpeed), not compute.
-    procs = {name: start(*command(kind, world, root / name, ppo), root / f"{name}.log")[0]
+    procs = {name: start(*command(kind, world, root / name, {**ppo, "steps": 2} if name in cut else ppo,
+                                  *extra.get(name, ())), root / f"{name}.log")[0]
              for name, (kind, ppo) in jobs.items()}
     procs |= {name: start(*command(kind, llama, root / name, ppo), root / f"{name.replace('/', '_')}.log")[0]
               for name, (kind, ppo) in llama_jobs.items()}
     for name, proc in procs.items():
         finish(proc, root / f"{name.replace('/', '_')}.log", 300)
-    # The DDP run resumes its step-2 checkpoint on 2 processes and does step 3.
-    finish(start(*command("ddp", world, root / "ddp", PPO, "--resume"), root / "ddp_resume.log")[0],
-           root / "ddp_resume.log", 300)
+    # Each cut run resumes its step-2 checkpoint on 2 processes and does step 3.
+    resumes = {name: start(*command(jobs[name][0], world, root / name, jobs[name][1], "--resume"),
+                           root / f"{name}_resume.log")[0] for name in cut}
+    for name, proc in resumes.items():
+        finish(proc, root / f"{name}_resume.log", 300)
     return {name: root / name for name in [*jobs, *llama_jobs]} | {"world": world}
 
 
@@ -113,11 +124,29 @@ def assert_same_models(folder_a: Path, folder_b: Path) -> None:
         assert (logits_a - sft(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3
 
 
+def assert_resumed(folder: Path, zero_stage: int) -> None:
+    """The second launch resumed the step-2 checkpoint (it ran step 3 only) and its own checkpoint holds
+    the engine's partitions of both processes under DeepSpeed."""
+    info = json.loads((folder / "run.json").read_text())
+    assert info["steps_run"] == [3] and info["summary"]["steps"] == 3 and info["summary"]["episodes"] == 3 * 8
+    assert info["world_size"] == 2 and info["zero_stage"] == zero_stage
+    engine = folder / "checkpoint" / ENGINE_DIR
+    if zero_stage == 0:
+        assert not engine.exists()
+        return
+    layout = json.loads((engine / "layout.json").read_text())
+    assert layout == {"engines": ["policy_value"], "zero_stage": zero_stage, "processes": 2, "mixed_precision": "no"}
+    partitions = sorted(p.name for p in (engine / "policy_value" / "state").glob("*optim_states.pt"))
+    assert len(partitions) == 2, partitions
+    sums = json.loads((folder / "checkpoint" / "checksums.json").read_text())
+    assert all(f"{ENGINE_DIR}/policy_value/state/{name}" in sums for name in partitions)
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_with_resume_follow_the_one_process_trajectory(runs):
     info = json.loads((runs["ddp"] / "run.json").read_text())
     assert info["world_size"] == 2 and info["distributed_type"] == "DistributedType.MULTI_CPU"
-    assert info["summary"]["steps"] == 3 and info["summary"]["episodes"] == 3 * 8
+    assert_resumed(runs["ddp"], 0)
     one, two = read_log(runs["single"]), read_log(runs["ddp"])
     assert_same_trajectory(one, two)  # one row per step: only rank 0 writes the log
     assert one[-1]["objective/kl_coef"] != 0.5  # the adaptive controller moved (from the global KL)
@@ -125,12 +154,18 @@ def test_ddp_two_processes_with_resume_follow_the_one_process_trajectory(runs):
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_follow_the_one_process_trajectory(runs):
-    info = json.loads((runs["zero3"] / "run.json").read_text())
-    assert info["world_size"] == 2 and info["distributed_type"] == "DistributedType.DEEPSPEED"
-    assert info["zero_stage"] == 3 and len(info["peak_rss_bytes"]) == 2
-    assert_same_trajectory(read_log(runs["single_noclip"]), read_log(runs["zero3"]))
-    assert_same_models(runs["single_noclip"], runs["zero3"])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_two_processes_killed_and_resumed_follow_the_one_process_trajectory(runs, stage):
+    folder = runs[f"zero{stage}"]
+    info = json.loads((folder / "run.json").read_text())
+    assert info["distributed_type"] == "DistributedType.DEEPSPEED" and len(info["peak_rss_bytes"]) == 2
+    assert_resumed(folder, stage)
+    assert_same_trajectory(read_log(runs["single_noclip"]), read_log(folder))
+    assert_same_models(runs["single_noclip"], folder)
+
+
+@pytest.mark.slow
+def test_zero3_checkpoint_holds_the_full_weights(runs):
     # The checkpoint holds the full (gathered) weights: they load strictly into a plain model and
     # compute what the saved final actor computes (the last checkpoint is taken after the last step).
     from safetensors.torch import load_model as load_safetensors
@@ -162,3 +197,32 @@ def test_zero3_llama_policy_follows_the_one_process_trajectory(runs):
     assert_same_models(runs["llama/single"], runs["llama/zero3"])  # sft: the llama world's own
     actor, _ = load_model(runs["llama/zero3"] / "actor")
     assert type(actor).__name__ == "LlamaForCausalLM"
+
+
+def test_zero2_bf16_from_model_mixed_precision(runs):
+    """``model.mixed_precision: bf16`` switches DeepSpeed's bf16 on (the JSON says nothing about it and the
+    launcher says --mixed_precision no): the engine computes in bf16 with float32 master weights in its
+    checkpointed partitions, and the frozen reference computes in bf16 too, so the first step's KL between
+    the actor and its identical reference is exactly 0."""
+    folder = runs["zero2_bf16"]
+    info = json.loads((folder / "run.json").read_text())
+    assert info["mixed_precision"] == "bf16" and info["zero_stage"] == 2
+    assert info["deepspeed_config"]["bf16"] == {"enabled": True}
+    rows = read_log(folder)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-7)
+    assert all(abs(r["loss/value"]) < 1e3 and r["loss/value"] == r["loss/value"] for r in rows)  # finite
+    layout = json.loads((folder / "checkpoint" / ENGINE_DIR / "layout.json").read_text())
+    assert layout["mixed_precision"] == "bf16"
+    partitions = sorted((folder / "checkpoint" / ENGINE_DIR / "policy_value" / "state").glob("bf16_zero_pp_rank_*"))
+    assert len(partitions) == 2
+    # The master weights inside a partition are float32 (DeepSpeed keeps them; the module computes in bf16).
+    from selfrank.train.dist.engine_state import _deepspeed_safe_globals
+
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        part = torch.load(partitions[0], weights_only=True)["optimizer_state_dict"]
+    masters = part["single_partition_of_fp32_groups"]
+    assert masters and all(t.dtype == torch.float32 for t in masters)
+    # The saved actor is a plain float32 model.
+    actor, _ = load_model(folder / "actor")
+    assert next(actor.parameters()).dtype == torch.float32

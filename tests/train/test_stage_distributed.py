@@ -3,8 +3,11 @@
 ``dist_scripts/stage_train.py`` runs the real ``train_sft`` and ``train_reward`` on one prepared tiny
 world (policy without dropout, preference pairs). It is launched once with no launcher, once as 2
 processes of plain DDP (gloo, SFT with 2 accumulation steps per process) and once as 2 processes of
-DeepSpeed ZeRO-3, all at once (start-up dominates). Then ``selfrank run`` goes through every stage under
-``accelerate launch`` with 2 processes and W&B offline.
+DeepSpeed ZeRO-3, all at once (start-up dominates). The ZeRO-3 job is cut short (SFT after 3 of 4 steps,
+its checkpoint at step 2; the RM after 4 of 6 steps) and resumed by a second launch: its whole trajectory
+must still be the one-process one, which it is only if the partitioned optimizer state was checkpointed
+(AdamW at lr 3e-3 with restarted moments takes other steps). Then ``selfrank run`` goes through every
+stage under ``accelerate launch`` with 2 processes and W&B offline.
 """
 from __future__ import annotations
 
@@ -53,17 +56,24 @@ def runs(tmp_path_factory) -> dict:
     ds_config = root / "ds.json"
     ds_config.write_text(json.dumps(DS_CONFIG))
     worker = [str(WORKER), "--data", str(data)]
+
+    def zero3(*args: str) -> tuple[list[str], dict]:
+        return ([ACCELERATE, "launch", "--use_deepspeed", "--deepspeed_config_file", str(ds_config), *COMMON,
+                 "--main_process_port", str(free_port()), *worker, "--out", str(root / "zero3"), *args], worker_env())
+
     procs = {
         "single": start([sys.executable, *worker, "--out", str(root / "single")], worker_env(), root / "single.log"),
         "ddp": start(*ddp_cmd(*worker, "--out", str(root / "ddp"), "--grad-accum", "2"), root / "ddp.log"),
-        "zero3": start([ACCELERATE, "launch", "--use_deepspeed", "--deepspeed_config_file", str(ds_config), *COMMON,
-                        "--main_process_port", str(free_port()), *worker, "--out", str(root / "zero3")],
-                       worker_env(), root / "zero3.log"),
+        "zero3": start(*zero3("--stop-sft", "3", "--stop-reward", "4"), root / "zero3_stopped.log"),
     }
-    seconds = {}
     for name, (proc, _) in procs.items():
-        _, seconds[name], _ = finish(proc, root / f"{name}.log", 300)
-    return {name: (root / name, json.loads((root / name / "result.json").read_text())) for name in procs}
+        finish(proc, root / ("zero3_stopped.log" if name == "zero3" else f"{name}.log"), 300)
+    stopped = json.loads((root / "zero3" / "stopped.json").read_text())
+    checkpoints = {stage: json.loads((root / "zero3" / stage / "checkpoint" / "state.json").read_text())["step"]
+                   for stage in ("sft", "rm")}
+    finish(start(*zero3("--resume"), root / "zero3.log")[0], root / "zero3.log", 300)
+    runs = {name: (root / name, json.loads((root / name / "result.json").read_text())) for name in procs}
+    return runs | {"zero3_stopped": (stopped, checkpoints)}
 
 
 def losses(result: dict, stage: str) -> list[float]:
@@ -82,9 +92,34 @@ def state(folder: Path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def joined(stopped: list, resumed: list, checkpoint_step: int) -> list:
+    """The metrics of a cut run up to its checkpoint, then those of its resumption (which must start there)."""
+    assert [step for step, _ in resumed][0] == checkpoint_step + 1, (checkpoint_step, resumed)
+    return [entry for entry in stopped if entry[0] <= checkpoint_step] + resumed
+
+
+@pytest.mark.slow
+def test_zero3_killed_and_resumed_run_keeps_its_optimizer_state(runs):
+    stopped, checkpoints = runs["zero3_stopped"]
+    _, resumed = runs["zero3"]
+    # The cut run stopped after SFT step 3 (checkpoint at 2) and RM step 4 (checkpoint at 4).
+    assert [step for step, _ in stopped["sft"]] == [1, 2, 3] and checkpoints["sft"] == 2
+    assert [step for step, _ in stopped["reward"]] == [1, 2, 3, 4] and checkpoints["rm"] == 4
+    assert resumed["sft_summary"]["resumed_from"] == 2 and resumed["rm_summary"]["resumed_from_step"] == 4
+    assert [step for step, _ in resumed["sft"]] == [3, 4] and [step for step, _ in resumed["reward"]] == [5, 6]
+    # The repeated SFT step 3 equals the cut run's own step 3 (same weights, moments, data and RNG).
+    assert resumed["sft"][0][1]["loss"] == pytest.approx(stopped["sft"][2][1]["loss"], rel=1e-6)
+
+
 @pytest.mark.slow
 def test_two_processes_follow_the_one_process_trajectory_and_save_loadable_models(runs):
     _, one = runs["single"]
+    stopped, checkpoints = runs["zero3_stopped"]
+    folder, resumed = runs["zero3"]
+    # The ZeRO-3 run was cut and resumed: its trajectory is the cut run's up to each checkpoint, then the
+    # resumed run's; it must be the one-process trajectory all the same.
+    runs = {**runs, "zero3": (folder, {**resumed, "sft": joined(stopped["sft"], resumed["sft"], checkpoints["sft"]),
+                                       "reward": joined(stopped["reward"], resumed["reward"], checkpoints["rm"])})}
     for kind, rtol in (("ddp", DDP_RTOL), ("zero3", ZERO3_RTOL)):
         folder, two = runs[kind]
         assert two["world_size"] == 2, kind
@@ -96,7 +131,7 @@ def test_two_processes_follow_the_one_process_trajectory_and_save_loadable_model
         assert [m["lr"] for _, m in two["sft"]] == [m["lr"] for _, m in one["sft"]]
         # The reported metrics are global: both ranks logged the same reduced numbers.
         first, second = two["sft_losses_per_rank"]
-        assert first == second == losses(two, "sft")
+        assert first == second == [m["loss"] for _, m in (resumed if kind == "zero3" else two)["sft"]]
         assert [m["accuracy"] for _, m in two["reward"]] == pytest.approx([m["accuracy"] for _, m in one["reward"]])
         assert two["sft_summary"]["processes"] == 2 and two["rm_summary"]["processes"] == 2
         assert two["rm_summary"]["heldout_accuracy"] == pytest.approx(one["rm_summary"]["heldout_accuracy"])

@@ -14,7 +14,9 @@ written for one process is ported by swapping a handful of calls::
     opt.step(); opt.zero_grad()
     save_full(model, acc, lambda m: save_model(m, tok, folder))   # plain save_pretrained folder
 
-The rules (global batches, failure timeout) are in ``collectives``; model placement in ``placement``.
+The rules (global batches, failure timeout) are in ``collectives``; model placement in ``placement``;
+a DeepSpeed engine's partitioned training state in checkpoints in ``engine_state``.
 """
 from selfrank.train.dist.collectives import *  # noqa: F401,F403
 from selfrank.train.dist.placement import *  # noqa: F401,F403
+from selfrank.train.dist.engine_state import load_engine_states, stage_engine_states  # noqa: F401,E402

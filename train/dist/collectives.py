@@ -90,34 +90,60 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def get_accelerator(gradient_accumulation_steps: int = 1):
+def _launched() -> bool:
+    return "LOCAL_RANK" in os.environ or world_size() > 1
+
+
+def get_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str | None = None):
     """This process's Accelerator, created on first use and cached (accelerate's state is per process).
 
     Works with no launcher (one process), ``accelerate launch`` (DDP) and ``accelerate launch
     --use_deepspeed``. Without CUDA the process group uses gloo (NCCL needs GPUs, and DeepSpeed on CPU
     must agree with accelerate on the backend). The group's timeout comes from :func:`dist_timeout`.
 
+    ``mixed_precision`` is the run's ``model.mixed_precision`` (see ``train/precision.py``): the
+    Accelerator is created with it (it fills DeepSpeed's ``bf16``/``fp16`` "auto"), after refusing a
+    launcher or DeepSpeed JSON that says otherwise; None takes the launcher's value (else "no") on
+    creation and accepts the cached one later. Asking for another precision once created is refused
+    under a launcher; one process without a launcher (tests, library use) gets a new Accelerator.
+
     Stages run one after another in one process, so a later call may ask for another accumulation
     count: it is applied to the cached Accelerator. Under DeepSpeed the JSON config's
     ``gradient_accumulation_steps`` governs (accelerate takes it from there when a model is prepared).
     """
     global _ACCELERATOR
+    from selfrank.train.precision import check_precision_request, launcher_precision
+
     if gradient_accumulation_steps < 1:
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    if mixed_precision is not None:
+        check_precision_request(mixed_precision)  # cheap; refuses a conflicting launch before any work
+    if _ACCELERATOR is not None and mixed_precision is not None and _ACCELERATOR.mixed_precision != mixed_precision:
+        if _launched() or uses_deepspeed(_ACCELERATOR):
+            raise UserError(f"model.mixed_precision: this job already runs with {_ACCELERATOR.mixed_precision!r}, "
+                            f"cannot switch to {mixed_precision!r} midway; use one setting for the whole run")
+        from accelerate.state import AcceleratorState
+
+        _ACCELERATOR.free_memory()
+        AcceleratorState._reset_state()  # one process, no process group: only the precision state goes
+        _ACCELERATOR = None
     if _ACCELERATOR is None:
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
+        if mixed_precision is None:
+            mixed_precision = launcher_precision() or "no"
+            check_precision_request(mixed_precision)
         handlers = []
-        if "LOCAL_RANK" in os.environ or world_size() > 1:
+        if _launched():
             # Only under a launcher: with an explicit backend and no launcher, accelerate expects a process
             # group that nobody creates.
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             handlers.append(InitProcessGroupKwargs(backend=backend, timeout=dist_timeout()))
         _ACCELERATOR = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps,
-                                   kwargs_handlers=handlers)
-        log.info("accelerator: %s, %d process(es), device %s", _ACCELERATOR.distributed_type,
-                 _ACCELERATOR.num_processes, _ACCELERATOR.device)
+                                   mixed_precision=mixed_precision, kwargs_handlers=handlers)
+        log.info("accelerator: %s, %d process(es), device %s, mixed precision %s", _ACCELERATOR.distributed_type,
+                 _ACCELERATOR.num_processes, _ACCELERATOR.device, _ACCELERATOR.mixed_precision)
     elif _ACCELERATOR.gradient_accumulation_steps != gradient_accumulation_steps and not uses_deepspeed(_ACCELERATOR):
         _ACCELERATOR.gradient_accumulation_steps = gradient_accumulation_steps
     return _ACCELERATOR

@@ -17,11 +17,12 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from selfrank.train.dist.collectives import deepspeed_config, save_on_main, zero_stage
+from selfrank.train.dist.collectives import deepspeed_config, save_on_main, uses_deepspeed, zero_stage
+from selfrank.train.precision import check_trainable_dtype
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prepare_trainable", "frozen_zero3_config", "prepare_frozen", "is_zero3", "unwrap", "gathered_for_generation", "generation_kwargs", "full_state_dict", "save_full", "whole_weights"]
+__all__ = ["prepare_trainable", "frozen_zero3_config", "prepare_frozen", "autocast_forward", "is_zero3", "unwrap", "gathered_for_generation", "generation_kwargs", "full_state_dict", "save_full", "whole_weights"]
 
 def prepare_trainable(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
                       scheduler: Any | None = None, micro_batch_size: int | None = None,
@@ -40,7 +41,15 @@ def prepare_trainable(accelerator, model: nn.Module, optimizer: torch.optim.Opti
     clips inside its step at the config's ``gradient_clipping``, which DeepSpeed defaults to 1.0 when
     absent. ``max_grad_norm`` (0 = off) is therefore written into the DeepSpeed config, so both paths
     clip at the stage's value.
+
+    Precision (``train/precision.py``): trainable 16-bit weights are refused unless DeepSpeed runs in
+    bf16/fp16 (its optimizer then keeps float32 master weights); with accelerate's mixed precision the
+    module's forward runs under autocast.
     """
+    deepspeed_mixed = uses_deepspeed(accelerator) and accelerator.mixed_precision != "no"
+    check_trainable_dtype(model.parameters(), deepspeed_mixed=deepspeed_mixed)
+    if deepspeed_mixed and zero_stage(accelerator) == 3:
+        _join_zero3_dtype(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[accelerator.mixed_precision])
     config = deepspeed_config(accelerator)
     if config is not None:
         if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
@@ -55,6 +64,18 @@ def prepare_trainable(accelerator, model: nn.Module, optimizer: torch.optim.Opti
             config["gradient_clipping"] = float(max_grad_norm)
     parts = [model, optimizer] + ([scheduler] if scheduler is not None else [])
     return tuple(accelerator.prepare(*parts))
+
+
+def _join_zero3_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give parameters created outside ``zero.Init`` (a reward or value head on a backbone that was loaded
+    partitioned, hence already 16-bit) the engine's 16-bit dtype: DeepSpeed casts a module only when none
+    of it is partitioned, and its ZeRO-3 optimizer needs one dtype for all parameters."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return  # DeepSpeed casts the whole module itself
+    for param in model.parameters():
+        if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def frozen_zero3_config(ds_config: dict, offload: bool = False) -> dict:
@@ -89,6 +110,10 @@ def prepare_frozen(model: nn.Module, accelerator, offload: bool = False) -> nn.M
     collective, so every rank must run the same number of them. Otherwise (one process, DDP, ZeRO 1/2)
     each rank holds a full copy on its device and ``offload`` is ignored. The returned module is called
     like the original; its gradients are off.
+
+    It computes as the trained module does (``model.mixed_precision``): under autocast with accelerate's
+    mixed precision, in DeepSpeed's 16-bit dtype under DeepSpeed bf16/fp16 (the ZeRO-3 engine casts it
+    itself), so that a reference equal to the actor gives exactly the actor's log-probs (KL 0 at the start).
     """
     model.requires_grad_(False)
     if zero_stage(accelerator) == 3:
@@ -97,7 +122,29 @@ def prepare_frozen(model: nn.Module, accelerator, offload: bool = False) -> nn.M
         engine, *_ = deepspeed.initialize(model=model, config=frozen_zero3_config(deepspeed_config(accelerator), offload))
         engine.eval()
         return engine
-    return model.to(accelerator.device).eval()
+    model = model.to(accelerator.device)
+    if uses_deepspeed(accelerator) and accelerator.mixed_precision != "no":
+        # As DeepSpeed casts the trained module: parameters to 16 bits, float32 buffers kept (e.g. the
+        # reward model's normaliser).
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[accelerator.mixed_precision]
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+    return autocast_forward(model, accelerator).eval()
+
+
+def autocast_forward(module: nn.Module, accelerator) -> nn.Module:
+    """``module`` with its forward under the job's autocast (accelerate's mixed precision; identity
+    otherwise), as ``prepare`` does for the trained module. For frozen models and views that are not
+    prepared (the LoRA actor with its adapters off). Outputs come back in float32."""
+    if not getattr(accelerator, "native_amp", False) or getattr(module, "_selfrank_autocast", False):
+        return module
+    from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+
+    autocast = get_mixed_precision_context_manager(True, accelerator.autocast_handler)
+    module.forward = convert_outputs_to_fp32(autocast(module.forward))  # what accelerate's prepare does
+    module._selfrank_autocast = True
+    return module
 
 
 def is_zero3(model: nn.Module) -> bool:
@@ -158,11 +205,12 @@ def gathered_for_generation(model: nn.Module, accelerator, gather: bool = True) 
     (see :func:`generation_kwargs`). Outside ZeRO-3 this is just the unwrapped module. Collective under
     ZeRO-3: every rank must enter the block.
     """
+    from selfrank.train.scale import activation_checkpointing_off
+
     inner = unwrap(model, accelerator)
-    checkpointing = bool(getattr(inner, "is_activation_checkpointing", False))
-    if checkpointing:
-        inner.activation_checkpointing_disable()  # generation caches keys/values; checkpointing forbids it
-    try:
+    # Generation caches keys/values, which activation checkpointing forbids; it also runs under the job's
+    # autocast (the bare module's forward has none), so sampling computes as the trained forward does.
+    with activation_checkpointing_off(inner), accelerator.autocast():
         if is_zero3(model) and gather:
             import deepspeed
 
@@ -174,9 +222,6 @@ def gathered_for_generation(model: nn.Module, accelerator, gather: bool = True) 
                     _restore_zero3_hooks(model)
         else:
             yield inner
-    finally:
-        if checkpointing:
-            inner.activation_checkpointing_enable()
 
 
 def generation_kwargs(model: nn.Module, accelerator, gather: bool = True) -> dict:

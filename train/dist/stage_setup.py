@@ -23,9 +23,10 @@ T = TypeVar("T")
 StepLog = Callable[[dict, int], None]
 
 
-def begin_training(accumulation: int, micro_batch_size: int):
-    """The Accelerator for a training run of ``accumulation`` micro-batches per optimizer step."""
-    acc = dist.get_accelerator(accumulation)
+def begin_training(accumulation: int, micro_batch_size: int, mixed_precision: str | None = None):
+    """The Accelerator for a training run of ``accumulation`` micro-batches per optimizer step, computing
+    in ``mixed_precision`` (``model.mixed_precision``; None: as the Accelerator already is)."""
+    acc = dist.get_accelerator(accumulation, mixed_precision)
     config = dist.deepspeed_config(acc)
     if config is not None:
         config["gradient_accumulation_steps"] = accumulation

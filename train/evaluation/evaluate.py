@@ -82,6 +82,7 @@ def generate_batches(config: ExperimentConfig, folder: Path, prompts: Sequence[s
     mine = dist.round_robin(starts) if group is not None else list(enumerate(starts))
     model, tokenizer = load_model(Path(folder), config.model)
     model.to(_device()).eval()
+    model = dist.autocast_forward(model, dist.get_accelerator())  # model.mixed_precision, as in training
     done: list[tuple[int, list[str]]] = []
     for index, start in tqdm(mine, desc=desc, unit="batch", disable=not dist.is_main()):
         generation = generate(model, tokenizer, list(prompts[start:start + per_call]), n=n,
@@ -179,7 +180,8 @@ def agreement_groups(config: ExperimentConfig, sft_folder: Path, examples: Seque
     flat_prompts = [g.meta["prompt"] for g in groups for _ in g.meta["responses"]]
     flat_responses = [resp for g in groups for resp in g.meta["responses"]]
     for name, folder in (reward_folders or {}).items():
-        rm = RewardModel.from_pretrained(folder, config.model).to(_device())
+        rm = dist.autocast_forward(RewardModel.from_pretrained(folder, config.model).to(_device()),
+                                   dist.get_accelerator())  # model.mixed_precision, as in training
         values = score(rm, rm.tokenizer, flat_prompts, flat_responses, batch_size=ev.batch_size,
                        max_length=config.reward.max_length, normalized=True)
         offset = 0

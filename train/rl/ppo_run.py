@@ -29,13 +29,15 @@ from selfrank.train.models.peft_methods import AdapterDisabled, with_lora
 from selfrank.train.models.policy_value import PolicyAndValue
 from selfrank.train.models.reward_model import RewardModel, disable_dropout
 from selfrank.train.models.value_model import ValueModel
-from selfrank.train.optim import adamw_groups
+from selfrank.train.optim import adamw_groups, lr_factor, set_learning_rates
 from selfrank.train.rl.online_rm import OnlineRewardRefresher
 from selfrank.train.rl.ppo_math import AdaptiveKLController, FixedKLController
+from selfrank.train.scale import apply_model_switches
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
+ENGINE = "policy_value"  # actor + critic's optimizer state in a checkpoint (optim.pt, or deepspeed/policy_value/)
 # Settings that may change between an interrupted run and its resumption (the rest must not).
 _RESUMABLE_CHANGES = ("steps", "save_every", "nan_policy", "gather_for_generation", "offload_reference",
                       "offload_reward")
@@ -79,14 +81,24 @@ class PPORun:
         return self.cfg.batch_size * self.cfg.samples_per_prompt
 
     def save_checkpoint(self) -> None:
-        """Collective: the full weights are gathered under ZeRO-3; the main process writes."""
-        optimizers = {} if dist.uses_deepspeed(self.acc) else {"policy_value": self.optimizer}
+        """Collective: a DeepSpeed engine's partitions are written by every process, the full weights
+        gathered under ZeRO-3; the main process writes the rest and swaps the checkpoint in."""
+        deepspeed = dist.uses_deepspeed(self.acc)
+        staged = dist.stage_engine_states(self.checkpoint, {ENGINE: self.model}, self.acc) if deepspeed else None
+        optimizers = {} if deepspeed else {ENGINE: self.optimizer}
         if self.refresher is not None:
             optimizers["reward_model"] = self.refresher.optimizer
         online_rm = self.rm if self.refresher is not None else None
         dist.save_full(self.model, self.acc, lambda inner: _save_ppo_checkpoint(
             self.checkpoint, inner.policy, inner.value, online_rm, optimizers, self.kl_ctl, self.progress,
-            self.fingerprint))
+            self.fingerprint, staged))
+
+    def set_learning_rate(self, step: int) -> float:
+        """Actor and critic learning rates for 1-based PPO step ``step`` (``ppo.lr_schedule``); returns
+        the factor applied to ``ppo.lr`` / ``ppo.critic_lr``."""
+        factor = lr_factor(step, self.cfg.steps, self.cfg.lr_schedule, self.cfg.warmup_steps)
+        set_learning_rates(self.optimizer, [self.cfg.lr, self.cfg.critic_lr], factor)
+        return factor
 
 
 def start_run(config: ExperimentConfig, prompts: list[str], actor_folder: Path, rm_folder: Path, out_folder: Path,
@@ -94,7 +106,7 @@ def start_run(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
     """Load and prepare the models, and resume from the checkpoint when asked."""
     cfg = config.ppo
     per_process = cfg.batch_size * cfg.samples_per_prompt // cfg.minibatches // dist.world_size()
-    acc = begin_training(1, per_process)  # one optimizer step per minibatch
+    acc = begin_training(1, per_process, config.model.mixed_precision)  # one optimizer step per minibatch
     deepspeed = dist.uses_deepspeed(acc)
     if acc.is_main_process:
         out_folder.mkdir(parents=True, exist_ok=True)
@@ -113,6 +125,8 @@ def start_run(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
             disable_dropout(model)
     if lora:
         actor = with_lora(actor, cfg.lora_r, cfg.lora_alpha, field="ppo.policy")
+    for model in (actor, critic):
+        apply_model_switches(model, config.model)  # the trained networks (the frozen ones only read)
     if online_rm:
         # Trained in place by the refresher (weights broadcast to every process), so not a frozen engine.
         rm.to(acc.device).eval().requires_grad_(False)
@@ -134,18 +148,20 @@ def start_run(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
     optimizer = adamw_groups([(actor, cfg.lr), (critic, cfg.critic_lr)], fused=not deepspeed)
     model, optimizer = dist.prepare_trainable(acc, policy_value, optimizer, micro_batch_size=per_process,
                                               max_grad_norm=cfg.max_grad_norm)
-    # The LoRA view calls the actor inside its engine (ZeRO-3 gathers its shards as for any forward).
-    ref = AdapterDisabled(actor) if lora else dist.prepare_frozen(ref, acc, offload=cfg.offload_reference)
-    rm_run = rm if online_rm else dist.prepare_frozen(rm, acc, offload=cfg.offload_reward)
+    # The LoRA view calls the actor inside its engine (ZeRO-3 gathers its shards as for any forward), under
+    # the job's autocast as the trained forward is.
+    ref = (dist.autocast_forward(AdapterDisabled(actor), acc) if lora
+           else dist.prepare_frozen(ref, acc, offload=cfg.offload_reference))
+    rm_run = dist.autocast_forward(rm, acc) if online_rm else dist.prepare_frozen(rm, acc, offload=cfg.offload_reward)
     refresher = OnlineRewardRefresher(rm, rm.tokenizer or tokenizer, config) if online_rm else None
     if progress.step > 0:
-        optimizers = {"policy_value": optimizer}
-        if deepspeed:  # the checkpoint holds none: DeepSpeed partitions optimizer states
-            log.warning("ppo: resuming under DeepSpeed restarts the actor/critic optimizer moments")
-            optimizers = {}
+        # A torch optimizer's state is in optim.pt; a DeepSpeed engine's partitions in deepspeed/.
+        optimizers = {} if deepspeed else {ENGINE: optimizer}
         if refresher is not None:
             optimizers["reward_model"] = refresher.optimizer
         load_optimizers(checkpoint, optimizers)
+        if deepspeed:
+            dist.load_engine_states(checkpoint, {ENGINE: model}, acc)
     return PPORun(config=config, prompts=prompts, acc=acc, model=model, optimizer=optimizer, ref=ref, rm=rm,
                   rm_run=rm_run, tokenizer=tokenizer, kl_ctl=kl_ctl, checkpoint=checkpoint, fingerprint=fingerprint,
                   progress=progress, refresher=refresher, ranking_pool=ranking_pool)
@@ -204,7 +220,10 @@ def _peak_memory(accelerator) -> dict:
 
 
 def _fingerprint(config: ExperimentConfig, n_prompts: int, online_rm: bool) -> dict:
-    ppo = {k: v for k, v in vars(config.ppo).items() if k not in _RESUMABLE_CHANGES}
+    # A decaying learning-rate schedule spans ``steps``: then the number of steps cannot change on resume.
+    resumable = _RESUMABLE_CHANGES if config.ppo.lr_schedule == "constant" else tuple(
+        name for name in _RESUMABLE_CHANGES if name != "steps")
+    ppo = {k: v for k, v in vars(config.ppo).items() if k not in resumable}
     return {"ppo": ppo, "seed": config.seed, "prompts": n_prompts, "online_rm": online_rm}
 
 
@@ -214,12 +233,12 @@ def _checkpoint_weights(actor, critic, rm: RewardModel | None) -> dict:
 
 
 def _save_ppo_checkpoint(folder: Path, actor, critic, rm: RewardModel | None, optimizers: dict, kl_ctl,
-                         progress: _Progress, fingerprint: dict) -> None:
-    """Everything the next step depends on, from plain full modules (``optimizers``: name -> optimizer,
-    empty under DeepSpeed, which partitions them)."""
+                         progress: _Progress, fingerprint: dict, staged: dict | None = None) -> None:
+    """Everything the next step depends on, from plain full modules (``optimizers``: name -> torch
+    optimizer; ``staged``: the DeepSpeed engine's partitions, already in the staging folder)."""
     save_checkpoint(folder, models=_checkpoint_weights(actor, critic, rm), optimizers=optimizers,
                     state={**dataclasses.asdict(progress), "kl_controller": kl_ctl.state_dict(),
-                           "fingerprint": fingerprint})
+                           "fingerprint": fingerprint}, staged=staged)
 
 
 def _load_ppo_checkpoint(folder: Path, actor, critic, rm: RewardModel | None, kl_ctl, fingerprint: dict) -> _Progress:

@@ -85,9 +85,10 @@ def response_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 def logprobs_at_sampling(cfg: PPOConfig, model, accelerator) -> bool:
     """Whether the rollout keeps the sampler's log-probs (``ppo.rollout_logprobs``) instead of a forward.
 
-    ``auto``: yes for fp32 weights without autocast. Why not otherwise: ``generate`` runs the bare
-    actor, while the update's forward may run under accelerate's autocast or in half precision, and
-    then the two differ by far more than round-off, so the first ratio would not start at 1."""
+    ``auto``: yes for fp32 weights without autocast. Why not otherwise: in 16-bit compute (autocast, or
+    half weights) ``generate``'s step-by-step forward with cached keys/values and the update's one
+    forward over the whole sequence differ by far more than round-off, so the first ratio would not
+    start at 1."""
     if cfg.rollout_logprobs != "auto":
         return cfg.rollout_logprobs == "sampling"
     policy = dist.unwrap(model, accelerator).policy

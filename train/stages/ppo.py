@@ -30,7 +30,9 @@ under ZeRO-3, optionally offloaded); generation under ZeRO-3 gathers the actor's
 Gradient clipping: actor and critic are clipped separately to ``max_grad_norm`` (0 = off), except under
 DeepSpeed, whose engine clips the whole module with one norm. A checkpoint holds everything the next
 step depends on (weights, optimizer, KL controller, RNG states, data position), so ``resume=True``
-continues exactly, on any number of processes (under DeepSpeed the optimizer moments restart).
+continues exactly: on any number of processes, or under DeepSpeed on the same layout (its partitioned
+optimizer state is part of the checkpoint; ``train/dist/engine_state.py``). The learning rate follows
+``ppo.lr_schedule``, a function of the step.
 """
 from __future__ import annotations
 
@@ -124,6 +126,7 @@ def ppo_step(run: PPORun, step: int) -> dict:
             raise _NonFiniteStep("advantages", next_cursor)
 
     generator = torch.Generator().manual_seed(stable_seed("ppo-minibatch", run.config.seed, step))
+    lr_factor = run.set_learning_rate(step)
     stats = ppo_update(run.model, run.optimizer, ro, advantages, returns, cfg, generator, acc)
     if stats is None:
         raise _NonFiniteStep("loss or gradient", next_cursor)
@@ -147,6 +150,7 @@ def ppo_step(run: PPORun, step: int) -> dict:
         "eos/ended_frac": float(ro.ended.float().mean()),
         "response/length": float(ro.mask.sum(1).float().mean()),
         **stats,
+        "lr/actor": cfg.lr * lr_factor,
         "time/step_s": elapsed,
         "tokens/s": float(ro.mask.sum()) / max(elapsed, 1e-9),
     }
@@ -232,11 +236,13 @@ def ppo_update(model, optimizer, ro: Rollout, advantages: torch.Tensor, returns:
             if not deepspeed:
                 # Trick: global gradient-norm clipping, per network; a non-finite norm means a poisoned
                 # step. The gradients are already averaged over processes, so all see the same norms.
+                acc.unscale_gradients()  # fp16's gradient scaler (a no-op otherwise): clip true gradients
                 actor_norm = _clip_norm(inner.policy.parameters(), cfg.max_grad_norm)
                 critic_norm = _clip_norm(inner.value.parameters(), cfg.max_grad_norm)
-                if not _finite(actor_norm, critic_norm):
+                if not _finite(actor_norm, critic_norm) and getattr(acc, "scaler", None) is None:
                     optimizer.zero_grad(set_to_none=True)
                     return None
+                # Under fp16 an overflow is the scaler's: its step skips the update and lowers the scale.
             optimizer.step()  # under DeepSpeed the engine stepped (and clipped) in ``backward``
 
             with torch.no_grad():

@@ -16,11 +16,13 @@ batch; its items are split contiguously across ranks (sizes may differ by one) a
 the gradient of the summed per-pair (per-list) loss over the GLOBAL count, so N processes follow one
 process's trajectory. Held-out scoring and the normaliser are sharded by example and gathered. Only the
 main process writes; checkpoints hold the full weights (gathered under ZeRO-3), loaded into the plain
-module before ``prepare`` on every rank; under DeepSpeed the optimizer moments are not checkpointed
-(ZeRO partitions them), so only one-process and DDP resumes are exact.
+module before ``prepare`` on every rank, and the optimizer state (under DeepSpeed its partitions, written
+by every process and restored into the prepared engine: ``train/dist/engine_state.py``), so resumes
+are exact everywhere.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -59,6 +61,7 @@ from selfrank.train.models.causal_lm import load_causal_lm
 from selfrank.train.models.reward_model import RewardModel, encode_pairs, listwise_scores, pairwise_rewards, score
 from selfrank.train.rl.reward_losses import listwise_loss_sum, pairwise_accuracy, pairwise_loss_sum
 from selfrank.train.rundir import RunDir
+from selfrank.train.scale import apply_model_switches
 from selfrank.train.signals import stop_if_requested
 from selfrank.train.stages.context import StageContext
 from selfrank.train.stages.variants import per_variant
@@ -210,32 +213,42 @@ def train_reward(config: ExperimentConfig, sft_folder: Path, pairs_path: Path, r
         if find_checkpoint(checkpoint_folder) is not None:
             log.info("reward: discarding the old checkpoint %s (not resuming)", checkpoint_folder)
         discard_checkpoint(checkpoint_folder)
+    acc = begin_training(1, max(1, cfg.batch_size // dist.world_size()), config.model.mixed_precision)
+    deepspeed = dist.uses_deepspeed(acc)  # a ZeRO optimizer is partitioned: no process holds it whole
     torch.manual_seed(config.seed)
-    rm = _fresh_model(config, sft_folder)
+    # A resumed run loads the checkpoint's full weights into the module: it must not be ZeRO-3 partitioned
+    # yet (prepare partitions it). A fresh one may load partitioned.
+    with dist.whole_weights(acc) if state is not None else contextlib.nullcontext():
+        rm = _fresh_model(config, sft_folder)
     tokenizer = rm.tokenizer
     if tokenizer is None or tokenizer.pad_token_id is None:
         raise UserError(f"{sft_folder}: the tokenizer needs a pad token for reward-model batches")
     rm.train()
+    apply_model_switches(rm, config.model)
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
     resumed_from, losses = 0, []
     if state is not None:
-        # Into the plain module and torch optimizer, before prepare, on every rank.
-        load_checkpoint(checkpoint_folder, models={CHECKPOINT_MODEL: rm}, optimizers={CHECKPOINT_OPTIMIZER: optimizer})
+        # Into the plain module and torch optimizer, before prepare, on every rank (a DeepSpeed engine's
+        # partitions once it is prepared, below).
+        load_checkpoint(checkpoint_folder, models={CHECKPOINT_MODEL: rm},
+                        optimizers={} if deepspeed else {CHECKPOINT_OPTIMIZER: optimizer})
         resumed_from, losses = int(state["step"]), [float(x) for x in state["losses"]]
         log.info("reward: resuming from step %d of %d (%s)", resumed_from, total_steps, checkpoint_folder)
-    acc = begin_training(1, max(1, cfg.batch_size // dist.world_size()))
     # No clipping in this stage: 0 keeps DeepSpeed from clipping at its default 1.0.
     model, optimizer_p = dist.prepare_trainable(acc, rm, optimizer, micro_batch_size=max(1, cfg.batch_size // acc.num_processes),
                                                 max_grad_norm=0.0)
+    if state is not None and deepspeed:
+        dist.load_engine_states(checkpoint_folder, {CHECKPOINT_OPTIMIZER: model}, acc)
 
     def save_progress(step: int) -> None:
-        """Checkpoint (collective: the full weights are gathered under ZeRO-3; the main process writes)."""
+        """Checkpoint (collective: the full weights are gathered under ZeRO-3, a DeepSpeed engine's
+        partitions are written by every process; the main process writes the rest)."""
         weights = dist.full_state_dict(model, acc)
-        partitioned = dist.uses_deepspeed(acc)  # a ZeRO optimizer has no full state on one rank
+        staged = dist.stage_engine_states(checkpoint_folder, {CHECKPOINT_OPTIMIZER: model}, acc) if deepspeed else None
         dist.save_on_main(lambda: save_checkpoint(
             checkpoint_folder, models={CHECKPOINT_MODEL: weights},
-            optimizers={} if partitioned else {CHECKPOINT_OPTIMIZER: optimizer},
-            state={"step": step, "losses": losses, "fingerprint": fingerprint}),
+            optimizers={} if deepspeed else {CHECKPOINT_OPTIMIZER: optimizer},
+            state={"step": step, "losses": losses, "fingerprint": fingerprint}, staged=staged),
             acc)
 
     items = [encode_pairs(tokenizer, [prompt] * len(texts), texts, cfg.max_length) for prompt, texts in items_text]

@@ -108,6 +108,7 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext |
     model, tokenizer = load_model(sft_model, config.model)
     data = format_task(load_task(config.task), tokenizer, config)
     examples = data.train[: config.sample.max_prompts] if config.sample.max_prompts else data.train
+    model = dist.autocast_forward(model, dist.get_accelerator())  # model.mixed_precision, as in training
     ranking = ranking_config_for(config)
     k, size = config.sample.samples_per_prompt, config.sample.batch_size
     batches = dist.round_robin([examples[start:start + size] for start in range(0, len(examples), size)])

@@ -9,10 +9,10 @@ Distributed (``accelerate launch``, DDP or DeepSpeed ZeRO, see ``train.distribut
 is the GLOBAL batch; each step's examples are split contiguously across ranks (each used once), and
 the update follows the gradient of the summed answer-token loss over the GLOBAL token count, so N
 processes follow one process's trajectory. Only the main process writes (model, summary, checkpoint);
-a checkpoint holds the full trainable weights (gathered under ZeRO-3) and is loaded into the plain
-module before ``prepare`` on every rank. Under DeepSpeed the optimizer moments are not checkpointed
-(ZeRO partitions them): a resumed DeepSpeed run restarts them, one-process and DDP resumes are exact.
-LoRA under ZeRO-3 is refused (saving merges LoRA in place, which sharded weights do not allow; LoRA's
+a checkpoint holds the full trainable weights (gathered under ZeRO-3), loaded into the plain module
+before ``prepare`` on every rank, and the optimizer state: a torch optimizer's whole, or under
+DeepSpeed the engine's partitions, written by every process and restored into the prepared engine
+(``train/dist/engine_state.py``), so resumes are exact everywhere. LoRA under ZeRO-3 is refused (saving merges LoRA in place, which sharded weights do not allow; LoRA's
 few trainable weights gain nothing from ZeRO-3: use ZeRO-2 or DDP).
 
 Folder layout (``out`` = ``sft/`` for the main method, ``sft/baselines/<method>/`` for baselines):
@@ -52,6 +52,7 @@ from selfrank.train.data.prompts import format_task, prompt_markers, tokenizer_t
 from selfrank.train.data.tasks import load_task
 from selfrank.train.models.causal_lm import encode_prompt_response, init_policy, load_model, save_model
 from selfrank.train.rundir import RunDir
+from selfrank.train.scale import apply_model_switches
 from selfrank.train.signals import stop_if_requested
 from selfrank.train.stages.context import StageContext
 from selfrank.train.dist.stage_setup import begin_training, end_training, micro_batches, stage_cost
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY = "train_summary.json"
 CHECKPOINT = "checkpoint"
+ENGINE = "optimizer"  # the DeepSpeed engine's state in a checkpoint (deepspeed/optimizer/)
 
 
 def is_main_process() -> bool:
@@ -162,7 +164,9 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
         return summary
 
     per_rank = sft.batch_size // max(1, dist.world_size())
-    acc = begin_training(sft.grad_accum, max(1, per_rank // sft.grad_accum))
+    acc = begin_training(sft.grad_accum, max(1, per_rank // sft.grad_accum), config.model.mixed_precision)
+    deepspeed = dist.uses_deepspeed(acc)
+    apply_model_switches(module, config.model)
     if dist.zero_stage(acc) == 3 and method == "lora":
         raise UserError("sft.method: 'lora' is not supported under DeepSpeed ZeRO-3 (saving merges LoRA into "
                         "weights that ZeRO-3 shards); use ZeRO-2 or plain DDP for LoRA")
@@ -177,8 +181,9 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
     state = read_state(checkpoint) if resume else None
     if state is not None:
         check_fingerprint(state, meta, checkpoint, f"sft ({method})")
+        # A torch optimizer loads here; a DeepSpeed engine's partitions once it is prepared (below).
         load_checkpoint(checkpoint, models={"trainable": _trainable(module)},
-                        optimizers={"scheduler": scheduler, "optimizer": optimizer})
+                        optimizers={"scheduler": scheduler} if deepspeed else {"scheduler": scheduler, "optimizer": optimizer})
         start = int(state["step"])
         log.info("sft %s: resuming at step %d/%d", method, start, steps)
         if acc.process_index:  # the checkpoint holds the main process's stream; others keep their own
@@ -190,6 +195,8 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
         torch.manual_seed(dist.per_rank_seed(config.seed, acc))
     model_p, optimizer_p = dist.prepare_trainable(acc, module, optimizer, micro_batch_size=max(1, per_rank // sft.grad_accum),
                                                   max_grad_norm=sft.max_grad_norm)
+    if state is not None and deepspeed:
+        dist.load_engine_states(checkpoint, {ENGINE: model_p}, acc)
     device = acc.device
     losses: list[float] = []
     model_p.train()
@@ -253,11 +260,13 @@ def _save_progress(folder: Path, model, optimizer, scheduler, step: int, meta: d
     """Checkpoint from the main process: full trainable weights (gathered under ZeRO-3; collective)."""
     names = set(_trainable(dist.unwrap(model, acc)))
     state = dist.full_state_dict(model, acc)
-    # A partitioned (DeepSpeed) optimizer has no full state here; a plain torch one is the same on every rank.
-    optimizers = {"scheduler": scheduler} if dist.uses_deepspeed(acc) else {"scheduler": scheduler, "optimizer": optimizer}
+    # A DeepSpeed optimizer is partitioned: every process writes its part first (collective); a plain
+    # torch one is the same on every rank, and the main process saves it whole.
+    staged = dist.stage_engine_states(folder, {ENGINE: model}, acc) if dist.uses_deepspeed(acc) else None
+    optimizers = {"scheduler": scheduler} if staged is not None else {"scheduler": scheduler, "optimizer": optimizer}
     dist.save_on_main(lambda: save_checkpoint(folder, models={"trainable": {k: state[k] for k in sorted(names)}},
-                                              optimizers=optimizers,
-                                              state={"step": step, "fingerprint": meta}), acc)
+                                              optimizers=optimizers, state={"step": step, "fingerprint": meta},
+                                              staged=staged), acc)
 
 
 def _labelled(feature: tuple[list[int], int]) -> int:

@@ -7,6 +7,10 @@ next to the saved models (``sft/model``, ``rm/model``).
 
 ``--data`` holds what the test prepared once for every run: ``policy/`` (a tiny GPT-2 without dropout,
 the RM backbone), ``pairs.jsonl`` and ``ranked.jsonl``.
+
+Kill and resume: ``--stop-sft N --stop-reward M`` stops SFT after N steps (its last checkpoint is at an
+earlier step) and the RM right after step M (checkpointed every 2 steps), as killed jobs would, and
+writes ``stopped.json``; a second launch with ``--resume`` continues both from their checkpoints.
 """
 from __future__ import annotations
 
@@ -34,23 +38,45 @@ SFT = SFTConfig(lr=3e-3, batch_size=8, max_steps=4, block_size=64, save_every=2,
 REWARD = RewardConfig(lr=3e-3, batch_size=5, epochs=2.0, max_steps=6, max_length=64, heldout_fraction=0.25, save_every=100)
 
 
+class _Stopped(Exception):
+    """Raised on every rank right after the RM's step ``--stop-reward`` (and its checkpoint)."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--stop-sft", type=int, default=None)
+    parser.add_argument("--stop-reward", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     data_dir, out = Path(args.data), Path(args.out)
-    config = tiny_config(out, sft=dataclasses.replace(SFT, grad_accum=args.grad_accum), reward=REWARD)
+    # Checkpoints every 2 RM steps when a run is cut or resumed (the interval does not change the trajectory).
+    reward = dataclasses.replace(REWARD, save_every=2) if args.stop_reward or args.resume else REWARD
+    config = tiny_config(out, sft=dataclasses.replace(SFT, grad_accum=args.grad_accum), reward=reward)
     task = make_task(config.task.synthetic, config.task.prompt)
 
     metrics: dict[str, list] = {"sft": [], "reward": []}
     model, tokenizer = load_model(data_dir / "policy", config.model)
     disable_dropout(model)  # equal trajectories need equal forward passes on every example
-    sft_summary = train_sft(config, task, model, tokenizer, "full", out / "sft",
-                            log_step=lambda m, step: metrics["sft"].append([step, m]))
-    rm_summary = train_reward(config, data_dir / "policy", data_dir / "pairs.jsonl", data_dir / "ranked.jsonl",
-                              out / "rm" / "model", log_step=lambda m, step: metrics["reward"].append([step, m]))
+    sft_summary = train_sft(config, task, model, tokenizer, "full", out / "sft", resume=args.resume,
+                            stop_after=args.stop_sft, log_step=lambda m, step: metrics["sft"].append([step, m]))
+
+    def stop_reward(step: int, loss: float) -> None:
+        if args.stop_reward is not None and step >= args.stop_reward:
+            raise _Stopped()
+
+    try:
+        rm_summary = train_reward(config, data_dir / "policy", data_dir / "pairs.jsonl", data_dir / "ranked.jsonl",
+                                  out / "rm" / "model", resume=args.resume, on_step=stop_reward,
+                                  log_step=lambda m, step: metrics["reward"].append([step, m]))
+    except _Stopped:
+        acc = dist.get_accelerator()
+        if acc.is_main_process:
+            (out / "stopped.json").write_text(json.dumps(metrics, indent=1))
+        acc.wait_for_everyone()
+        return
     acc = dist.get_accelerator()
     result = {"world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
               "zero_stage": dist.zero_stage(acc), "sft": metrics["sft"], "reward": metrics["reward"],
