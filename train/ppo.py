@@ -19,7 +19,9 @@ Distributed (``accelerate launch``: DDP, or DeepSpeed ZeRO-2/3; see ``train.dist
 follows one process's trajectory up to float summation order, whatever the number of processes:
 
 * sampling is seeded per answer (``seed, step, position in the global batch, sample index``) by
-  :class:`RowSeededSampler`, so an answer does not depend on which process drew it;
+  :class:`~train.row_sampling.RowSeededSampler` semantics (``ppo.sampler``: each prompt prefilled once and
+  its cache forked to its answers, or ``generate`` over repeated prompts; same answers), so an answer
+  does not depend on which process drew it;
 * the rollout tensors are small next to the models, so they are all-gathered: whitening, GAE, reward
   statistics, the KL controller and the logged metrics see the same global batch on every process,
   and every minibatch is the same global set of episodes as in a one-process run, cut contiguously
@@ -60,7 +62,6 @@ import torch
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from ranking.atomic import write_jsonl
 from ranking.engine import stable_seed
@@ -96,7 +97,7 @@ STATE_FILE = "trainer_state.pt"
 LOG_FILE = "log.jsonl"
 # Settings that may change between an interrupted run and its resumption (the rest must not).
 _RESUMABLE_CHANGES = ("steps", "save_every", "nan_policy", "gather_for_generation", "offload_reference",
-                      "offload_reward")
+                      "offload_reward", "sampler")
 
 
 class NonFiniteError(RuntimeError):
@@ -130,71 +131,6 @@ class Rollout:
 
 
 # ---- sampling ------------------------------------------------------------------------------------
-class RowSeededSampler(LogitsProcessor):
-    """Temperature / nucleus sampling where row ``i`` draws from its own seeded stream ``seeds[i]``.
-
-    Why: a batched ``generate`` draws all rows from one random stream, so an answer depends on which
-    other rows share its batch, and a run on N processes would sample differently from one process.
-    Here each row's token is picked by inverse-CDF sampling with one uniform number from its own
-    generator per step, and returned as the only finite score; ``generate`` runs greedy, which then
-    takes exactly that token. The distribution is softmax(logits / T) cut to the top-p nucleus, the
-    same as ``generate``'s own sampling (top-k off). The generators live on the CPU.
-
-    With ``record=True`` it also keeps, per step, each row's log-probability of the picked token and
-    the entropy under softmax(logits / T) (the whole distribution, as the update computes them), read
-    back with :meth:`recorded`.
-    """
-
-    BLOCK = 32  # uniforms drawn per row at a time
-
-    def __init__(self, seeds: list[int], temperature: float, top_p: float, record: bool = False):
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.temperature = TemperatureLogitsWarper(temperature) if temperature != 1.0 else None
-        self.top_p = TopPLogitsWarper(top_p=top_p) if top_p < 1.0 else None
-        self.record = record
-        self._uniform = torch.empty(0)
-        self._step = 0
-        self._logp: list[torch.Tensor] = []
-        self._entropy: list[torch.Tensor] = []
-
-    def _next_uniform(self) -> torch.Tensor:
-        # Trick (speed): each row's generator fills a block of uniforms at once instead of one draw per
-        # row per token; a block of n draws is the same numbers as n single draws, so samples do not change.
-        column = self._step % self.BLOCK
-        if column == 0:
-            self._uniform = torch.stack([torch.rand(self.BLOCK, generator=g, dtype=torch.float64)
-                                         for g in self.generators])
-        self._step += 1
-        return self._uniform[:, column]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if scores.shape[0] != len(self.generators):
-            raise ValueError(f"RowSeededSampler: {scores.shape[0]} rows but {len(self.generators)} seeds")
-        if self.temperature is not None:
-            scores = self.temperature(input_ids, scores)
-        if self.record:
-            logp_all = torch.log_softmax(scores.float(), dim=-1)
-        if self.top_p is not None:
-            scores = self.top_p(input_ids, scores)
-        probs = torch.softmax(scores.float(), dim=-1)
-        # 1 - U(0, 1) lies in (0, 1]: the target mass is > 0, so a zero-probability token is never picked.
-        uniform = 1.0 - self._next_uniform()
-        cdf = probs.cumsum(-1)
-        target = (uniform.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
-        picked = torch.searchsorted(cdf, target).clamp_(max=probs.shape[-1] - 1)
-        if self.record:
-            self._logp.append(logp_all.gather(1, picked).squeeze(1))
-            self._entropy.append(-(logp_all.exp() * logp_all).sum(-1))
-        out = torch.full_like(scores, -math.inf)
-        return out.scatter_(1, picked, 0.0)
-
-    def recorded(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logp, entropy)``, each ``(B, steps)``: the first ``steps`` recorded tokens of every row."""
-        if not self.record or len(self._logp) < steps:
-            raise RuntimeError(f"RowSeededSampler recorded {len(self._logp)} steps, {steps} asked for")
-        return torch.stack(self._logp[:steps], 1), torch.stack(self._entropy[:steps], 1)
-
-
 def row_seeds(seed: int, step: int, start: int, end: int, samples_per_prompt: int) -> list[int]:
     """One sampling seed per answer of prompts ``start..end-1`` of the step's global batch."""
     return [stable_seed("ppo-sample", seed, step, b, j) for b in range(start, end) for j in range(samples_per_prompt)]
@@ -254,12 +190,11 @@ def collect_rollout(model, ref, rm, tokenizer, prompts: list[str], cfg: PPOConfi
     k = cfg.samples_per_prompt
     gather = cfg.gather_for_generation
     from_sampling = logprobs_at_sampling(cfg, model, acc)
-    sampler = RowSeededSampler(seeds, cfg.temperature, cfg.top_p, record=from_sampling)
     with dist.gathered_for_generation(model, acc, gather=gather) as inner:
-        gen = generate(inner.policy, tokenizer, prompts, n=k, do_sample=False, max_new_tokens=cfg.max_new_tokens,
-                       batch_size=max(1, len(prompts) * k),
-                       generate_kwargs={"logits_processor": LogitsProcessorList([sampler]),
-                                        **dist.generation_kwargs(model, acc, gather=gather)})
+        gen = generate(inner.policy, tokenizer, prompts, n=k, temperature=cfg.temperature, top_p=cfg.top_p,
+                       max_new_tokens=cfg.max_new_tokens, seeds=seeds, batch_size=max(1, len(prompts) * k),
+                       method=cfg.sampler, record=from_sampling,
+                       synced=bool(dist.generation_kwargs(model, acc, gather=gather).get("synced_gpus")))
     device = acc.device
     response_ids = gen.response_ids.to(device)
     mask = gen.response_mask.to(device)
@@ -270,8 +205,7 @@ def collect_rollout(model, ref, rm, tokenizer, prompts: list[str], cfg: PPOConfi
     if from_sampling:
         # Trick (speed): the log-probs the sampler saw while drawing, so the actor runs no second forward
         # over the batch; they differ from the update's forward only by float round-off (cached keys).
-        logp, token_entropy = (t.to(device) for t in sampler.recorded(length))
-        logp = logp.masked_fill(mask == 0, 0.0)
+        logp, token_entropy = gen.logp.to(device), gen.entropy.to(device)  # 0 after each answer's end
         _, values = response_forward(model, input_ids, attention_mask, length, values_only=True)
     else:
         # Log-probs recomputed by a plain forward at the sampling temperature (logits / T), the same

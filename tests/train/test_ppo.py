@@ -197,7 +197,7 @@ def test_row_seeded_sampling_does_not_depend_on_the_batch(world):
 def test_row_seeded_sampler_draws_from_the_tempered_nucleus():
     """Per-row streams, the frequencies of softmax(logits / T) cut to the top-p nucleus, and greedy
     generate() taking exactly the one token the sampler leaves."""
-    from train.ppo import RowSeededSampler
+    from train.row_sampling import RowSeededSampler
 
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
     rows = 4000
@@ -219,7 +219,7 @@ def test_row_seeded_sampler_draws_from_the_tempered_nucleus():
 def test_row_seeded_sampler_uses_each_rows_stream_in_order_across_blocks():
     """Step t of row i uses the t-th uniform of generator seeds[i], also past a block of pre-drawn
     uniforms, and the recorded log-prob is that of the picked token under softmax(logits / T)."""
-    from train.ppo import RowSeededSampler
+    from train.row_sampling import RowSeededSampler
 
     seeds, steps, vocab = [3, 8], RowSeededSampler.BLOCK + 9, 50
     logits = torch.randn(steps, 2, vocab, generator=torch.Generator().manual_seed(0))
