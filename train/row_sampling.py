@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import LogitsProcessor, TopPLogitsWarper
+from transformers import LogitsProcessor
 
 
 def pick_tokens(logits: torch.Tensor, uniform: torch.Tensor | None, temperature: float, top_p: float,
@@ -32,9 +32,10 @@ def pick_tokens(logits: torch.Tensor, uniform: torch.Tensor | None, temperature:
     if uniform is None:
         picked = scores.argmax(-1, keepdim=True)
     else:
+        probs = torch.softmax(scores, dim=-1)
         if top_p < 1.0:
-            scores = TopPLogitsWarper(top_p=top_p)(None, scores)
-        cdf = torch.softmax(scores, dim=-1).cumsum(-1)
+            probs = probs * nucleus(probs, top_p)
+        cdf = probs.cumsum(-1)
         target = ((1.0 - uniform).to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
         picked = torch.searchsorted(cdf, target).clamp_(max=scores.shape[-1] - 1)
     if not record:
@@ -42,6 +43,34 @@ def pick_tokens(logits: torch.Tensor, uniform: torch.Tensor | None, temperature:
     logp = logp_all.gather(1, picked).squeeze(1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return picked.squeeze(1), logp, entropy
+
+
+NUCLEUS_CANDIDATES = 256  # top tokens searched for the nucleus before falling back to a full sort
+
+
+def _nucleus_in(values: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which of ``values`` (probabilities sorted descending) are in the nucleus: a token stays while the
+    mass of the tokens above it is below ``top_p`` (so the top token always stays)."""
+    return values.cumsum(-1) - values < top_p
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``(B, V)`` bool: the top-p nucleus of each row, the set ``TopPLogitsWarper`` keeps (top-k off; the
+    mass sums may round differently at the nucleus' edge, by a token of negligible probability).
+
+    Trick (speed): a full sort of a 49k-token vocabulary per row per step costs about as much as the LM
+    head; the nucleus of a trained model is usually a few dozen tokens, so the top
+    ``NUCLEUS_CANDIDATES`` are enough whenever their mass reaches ``top_p``, and only the other rows
+    (flat distributions) are sorted in full."""
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    values, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    covered = values.sum(-1) >= top_p
+    keep.scatter_(1, order, _nucleus_in(values, top_p) & covered.unsqueeze(1))
+    flat = (~covered).nonzero().squeeze(1)
+    if flat.numel():
+        values, order = probs[flat].sort(dim=-1, descending=True)
+        keep[flat] = torch.zeros_like(values, dtype=torch.bool).scatter_(1, order, _nucleus_in(values, top_p))
+    return keep
 
 
 class RowUniforms:

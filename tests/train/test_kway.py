@@ -217,3 +217,22 @@ def test_synced_processes_run_the_same_number_of_forwards():
     # Synced or not, in chunks or alone, each answer is the same.
     assert ids0 == alone0[0]
     assert ids1 == alone1[0] + alone1[1]
+
+
+def test_nucleus_equals_the_top_p_warper_for_peaked_and_flat_rows():
+    """The nucleus from the top candidates (peaked rows) and from a full sort (flat rows whose nucleus
+    is larger than the candidates) is the set transformers' TopPLogitsWarper keeps."""
+    from transformers import TopPLogitsWarper
+
+    from train.row_sampling import NUCLEUS_CANDIDATES, nucleus
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 3000, generator=generator, dtype=torch.float64)
+    logits[:3] *= 12.0  # peaked: a nucleus of a few tokens
+    logits[3:] *= 0.3  # flat: a nucleus of thousands
+    for top_p in (0.5, 0.9, 0.95):
+        expected = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone()))
+        kept = nucleus(torch.softmax(logits, -1), top_p)
+        assert torch.equal(kept, expected)
+        sizes = kept.sum(-1)
+        assert (sizes[:3] < NUCLEUS_CANDIDATES).all() and (sizes[3:] > NUCLEUS_CANDIDATES).all()
