@@ -133,8 +133,13 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     query_ids, query_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
     rows = len(prompts) * n
     if not rows:
+        if synced and method == "shared_prefix":  # nothing to draw, but the other processes' forwards need ours
+            decode_shared_prefix(model, prompt_ids[:0], prompt_mask[:0], n=n, seeds=None, max_new_tokens=max_new_tokens,
+                                 stop_ids=stops, pad_id=pad_id, synced=True)
         empty = torch.zeros((0, 0), dtype=torch.long)
-        return Generation(query_ids[:0], query_mask[:0], empty, empty, [], torch.zeros(0, dtype=torch.bool))
+        recorded = torch.zeros((0, 0)) if record else None
+        return Generation(query_ids[:0], query_mask[:0], empty, empty, [], torch.zeros(0, dtype=torch.bool),
+                          recorded, recorded)
     row_seeds = answer_seeds(seeds, seed, rows) if do_sample else None
 
     if method == "shared_prefix":

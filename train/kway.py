@@ -90,7 +90,9 @@ def _decode_chunk(model, query_ids: torch.Tensor, query_mask: torch.Tensor, prom
     active = torch.arange(rows)  # chunk rows still in the batch, in batch order
     stop_ids = stop_ids.to(device)
     for step in range(max_new_tokens):
-        uniform = uniforms.next()[active] if uniforms is not None else None  # every row draws every step
+        # Every answer's stream advances one draw per step, ended or not (as under generate): an answer's
+        # t-th token always uses its t-th draw.
+        uniform = uniforms.next()[active] if uniforms is not None else None
         picked, logp, entropy = pick_tokens(logits, uniform, temperature, top_p, out.record)
         tokens = torch.full((rows,), pad_id, dtype=torch.long)
         tokens[active] = picked.cpu()
@@ -143,7 +145,7 @@ def decode_shared_prefix(model, query_ids: torch.Tensor, query_mask: torch.Tenso
         raise ValueError(f"decode_shared_prefix: {len(seeds)} seeds for {total} answers")
     if n < 1 or max_new_tokens < 1 or (max_rows is not None and max_rows < 1):
         raise ValueError("n, max_new_tokens and max_rows must be >= 1")
-    size = total if max_rows is None else max_rows
+    size = max(1, total if max_rows is None else max_rows)
     prompt_of_row = torch.arange(prompts).repeat_interleave(n)
     stops = torch.tensor(sorted(set(int(s) for s in stop_ids)), dtype=torch.long)
     keep_logits = _accepts(model, "logits_to_keep")

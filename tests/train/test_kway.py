@@ -191,7 +191,10 @@ def _synced_worker(rank: int, world: int, port: int, queue) -> None:
                                       seeds=SEEDS[rows][i * K:(i + 1) * K], **decode).response_ids.tolist()
                  for i in range(len(ids))]
         hook.remove()
-        queue.put((rank, count, out.response_ids.tolist(), alone))
+        # A process with no prompt at all still steps along (generate's empty share).
+        forwards.clear()
+        empty = generate(model, tok, PROMPTS[:rank], n=K, seed=3, max_new_tokens=12, synced=True)
+        queue.put((rank, count, out.response_ids.tolist(), alone, len(forwards), len(empty)))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -211,7 +214,8 @@ def test_synced_processes_run_the_same_number_of_forwards():
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    (forwards0, ids0, alone0), (forwards1, ids1, alone1) = results[0], results[1]
+    (forwards0, ids0, alone0, empty0, rows0), (forwards1, ids1, alone1, empty1, rows1) = results[0], results[1]
+    assert rows0 == 0 and rows1 == K and empty0 == empty1 > 1
     assert forwards0 == forwards1 == 2 * 12  # rank 1: two chunks of 12 steps; rank 0 ended early and idled
     assert len(alone0[0][0]) < 12  # (rank 0 really had less work)
     # Synced or not, in chunks or alone, each answer is the same.
