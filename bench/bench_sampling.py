@@ -7,7 +7,9 @@ K = 4, 8, 16 answers per prompt, temperature 0.8, top-p 0.95 (top-k off), 24 new
 ending at the chat turn's end. The two methods alternate in one run (the order flips every round, so
 drift on a shared machine hits both); each figure is generated tokens (up to and including the stop
 token) per second of the whole call (wall clock; and per CPU second of the process, which other
-processes' load disturbs less), and the peak resident memory during the call. ``--with-repeat`` adds
+processes' load disturbs less), and the peak resident memory during the call. OpenMP threads wait
+passively (``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it): on a shared machine, threads
+that spin while their peer is descheduled turn other processes' load into large random slowdowns. ``--with-repeat`` adds
 ``generate(method="repeat")``: K copies through ``model.generate`` with the per-answer seeded sampler,
 which separates the gain of the shared prefill from that of the sampler's cheaper top-p.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -142,7 +145,8 @@ def measure(fn) -> tuple[int, float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="SmolLM2-135M-Instruct save_pretrained folder")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder with squad_v2/, dailydialog/")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"),
+                        help="folder with squad_v2/ and dailydialog/")
     parser.add_argument("--ks", default="4,8,16")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=24)
@@ -154,6 +158,7 @@ def main() -> None:
     parser.add_argument("--with-repeat", action="store_true", help="also time generate(method='repeat')")
     args = parser.parse_args()
 
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch starts its thread pool
     import torch
 
     from ranking.engine import stable_seed
@@ -169,11 +174,13 @@ def main() -> None:
     datasets = {name: builders[name](tokenizer, data, args.prompts) for name in args.datasets.split(",")}
     ks = [int(k) for k in args.ks.split(",")]
     print(f"model {folder.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, fp32, "
-          f"{args.threads} threads, {args.new_tokens} new tokens, T={args.temperature}, top_p={args.top_p}; "
+          f"{args.threads} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), {args.new_tokens} new tokens, "
+          f"T={args.temperature}, top_p={args.top_p}; "
           f"RSS after loading {peak_rss_mib():.0f} MiB")
     for name, prompts in datasets.items():
         lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
-        print(f"{name}: {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f})")
+        print(f"{name}: {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens "
+              f"(mean {statistics.mean(lengths):.0f})")
     warm = datasets[next(iter(datasets))][:1]  # first calls pay one-off costs (allocator, kernels)
     run_ours(model, tokenizer, warm, 2, [1, 2], args)
     run_hf(model, tokenizer, warm, 2, 0, args)
@@ -207,7 +214,8 @@ def main() -> None:
         rate = {m: [t / s for t, s, _, _ in runs[m]] for m in runs}
         best[(name, k)] = {m: max(rate[m]) for m in runs}
         for m in runs:
-            ratio = "" if m == "hf" else f"{max(rate[m]) / max(rate['hf']):9.2f}x {statistics.median(rate[m]) / statistics.median(rate['hf']):11.2f}x"
+            ratio = "" if m == "hf" else (f"{max(rate[m]) / max(rate['hf']):9.2f}x "
+                                          f"{statistics.median(rate[m]) / statistics.median(rate['hf']):11.2f}x")
             print(f"{name:12s} {k:3d} {m:6s} {max(rate[m]):7.1f} {statistics.median(rate[m]):7.1f} "
                   f"{max(t / c for t, _, c, _ in runs[m]):9.1f} {max(r for *_, r in runs[m]):8.0f} {ratio}")
     key = ("squad_v2", 8)

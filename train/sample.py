@@ -8,8 +8,9 @@ Under a launcher the batches are dealt round-robin to the processes (batch ``i``
 ``i % world``), every process feeds its node's shared ranking pool (``train.ranking_service``), and
 the main process merges the results. Each answer is seeded by its example's id and its index
 (``answer_seeds``), so the samples, and so the outputs, are the same for any number of processes and
-any batch size. Each prompt is prefilled once for its K answers (``sample.sampler``). Each process appends what it has ranked to its
-own ``progress.<rank>.jsonl``; a killed run resumes from all of them, with any number of processes.
+any batch size. Each prompt is prefilled once for its K answers (``sample.sampler``). Each process
+appends what it has ranked to its own ``progress.<rank>.jsonl``; a killed run resumes from all of
+them, with any number of processes.
 """
 from __future__ import annotations
 
