@@ -12,6 +12,10 @@ from selfrank.validate import check_choice, check_range
 
 TASK_KINDS = ("synthetic", "qa", "dialogue")
 SFT_METHODS = ("full", "lora", "bitfit", "adapter", "none")
+# How K answers per prompt are decoded (train.generation.generate's method; the same answers either way):
+# "shared_prefix" prefills each prompt once and forks its cache to its answers; "repeat" runs
+# model.generate over K copies of each prompt (K prefills; kept for comparison).
+SAMPLERS = ("shared_prefix", "repeat")
 STAGES = ("sft", "sample", "reward", "ppo", "eval")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -228,8 +232,10 @@ class SampleConfig:
     workers: int = 1  # CPU ranking workers per node (one pool per node, shared by its processes)
     # Rank through the async pool while generation continues; False ranks each batch inline.
     async_ranking: bool = True
+    sampler: str = "shared_prefix"  # see SAMPLERS
 
     def __post_init__(self):
+        check_choice("sample.sampler", self.sampler, SAMPLERS)
         check_range("sample.samples_per_prompt", self.samples_per_prompt, 2)
         check_range("sample.temperature", self.temperature, 0.0, low_open=True)
         check_range("sample.top_p", self.top_p, 0.0, 1.0, low_open=True)
@@ -317,8 +323,10 @@ class PPOConfig:
     # second actor forward), "forward" (recomputed by the update's own forward: the first ratio is
     # exactly 1), or "auto" (sampling for fp32 weights without autocast, forward otherwise).
     rollout_logprobs: str = "auto"
+    sampler: str = "shared_prefix"  # see SAMPLERS
 
     def __post_init__(self):
+        check_choice("ppo.sampler", self.sampler, SAMPLERS)
         check_choice("ppo.policy", self.policy, ("full", "lora"))
         check_choice("ppo.rollout_logprobs", self.rollout_logprobs, ("auto", "sampling", "forward"))
         check_choice("ppo.lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -359,8 +367,10 @@ class EvalConfig:
     agreement_group_size: int = 4
     agreement_groups: int = 100
     seed: int = 0
+    sampler: str = "shared_prefix"  # see SAMPLERS
 
     def __post_init__(self):
+        check_choice("eval.sampler", self.sampler, SAMPLERS)
         if self.max_examples is not None:
             check_range("eval.max_examples", self.max_examples, 1)
         check_range("eval.max_new_tokens", self.max_new_tokens, 1)

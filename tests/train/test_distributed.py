@@ -149,6 +149,9 @@ def test_zero3_generation_gathered_and_sharded_agree_with_one_process(runs):
     assert z3["trained_text_gathered"] == one["trained_text_gathered"]
     assert z3["trained_text_sharded"] == z3["trained_text_gathered"]
     assert z3["final_text"] == one["final_text"]
+    # Prefix-shared sampling with sharded weights and uneven work per rank (synced forwards).
+    assert z3["sampled_text_gathered"] == one["sampled_text_gathered"] == one["sampled_text_sharded"]
+    assert z3["sampled_text_sharded"] == z3["sampled_text_gathered"] and z3["sampled_synced"]
 
 
 @pytest.mark.slow

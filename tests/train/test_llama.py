@@ -103,7 +103,7 @@ def test_chat_policy_generation_stops_at_the_turn_end(tmp_path):
     words = tokenizer("ann has", add_special_tokens=False)["input_ids"]
     forced = _Forced([*words, stop, *words])
     gen = generate(model, tokenizer, ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], do_sample=False,
-                   max_new_tokens=8, generate_kwargs={"logits_processor": [forced]})
+                   max_new_tokens=8, method="repeat", generate_kwargs={"logits_processor": [forced]})
     assert bool(gen.ended[0]) and gen.texts == ["ann has"]
     assert gen.response_ids[0][gen.response_mask[0].bool()].tolist() == [*words, stop]
 

@@ -201,8 +201,8 @@ def gathered_for_generation(model: nn.Module, accelerator, gather: bool = True) 
     block (memory: one full copy per rank) and ZeRO's hooks are lifted, so generation runs at
     single-model speed; ranks may then generate different numbers of tokens. With ``gather=False``
     the weights stay sharded and each forward gathers them layer by layer (slow, low memory): every
-    rank must run the same number of forward passes, so call ``generate(..., synced_gpus=True)``
-    (see :func:`generation_kwargs`). Outside ZeRO-3 this is just the unwrapped module. Collective under
+    rank must run the same number of forward passes, so call ``sampling.generation.generate(..., synced=True)``
+    or ``model.generate(..., synced_gpus=True)`` (see :func:`generation_kwargs`). Outside ZeRO-3 this is just the unwrapped module. Collective under
     ZeRO-3: every rank must enter the block.
     """
     from selfrank.train.scale import activation_checkpointing_off

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from selfrank.atomic import write_jsonl
+from selfrank.ranking.engine import stable_seed
 from selfrank.errors import UserError
 from selfrank.jsonl import read_jsonl
 
@@ -63,20 +64,23 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _batch_seed(seed: int, index: int) -> int:
-    return seed * 1_000_003 + index
+def answer_seeds(seed: int, start: int, count: int, n: int) -> list[int]:
+    """Sampling seeds of the ``n`` answers to each of prompts ``start..start+count-1``: from the seed and
+    the answer's place alone, so answers depend neither on the batching nor on the number of processes."""
+    return [stable_seed("eval", seed, i, j) for i in range(start, start + count) for j in range(n)]
 
 
 def generate_batches(config: ExperimentConfig, folder: Path, prompts: Sequence[str], *, n: int, per_call: int,
                      seed: int, decoding: dict, desc: str, group=None) -> list[str]:
     """``n`` answers per prompt from the model in ``folder``, ``per_call`` prompts per generate() call.
 
-    Call ``i`` is seeded by ``(seed, i)`` alone, so the answers do not depend on the number of
-    processes: under a launcher (``group``: a process group) call ``i`` runs on rank ``i % world``
-    and every rank gets all answers back in prompt order. Collective then."""
+    Answer ``j`` of prompt ``i`` is seeded by ``(seed, i, j)`` alone (:func:`answer_seeds`), so the
+    answers do not depend on the batching nor on the number of processes: under a launcher (``group``:
+    a process group) call ``i`` runs on rank ``i % world`` and every rank gets all answers back in
+    prompt order. Collective then."""
     from selfrank.train import dist
-    from selfrank.train.sampling.generation import generate
     from selfrank.train.models.causal_lm import load_model
+    from selfrank.train.sampling.generation import generate
 
     starts = list(range(0, len(prompts), per_call))
     mine = dist.round_robin(starts) if group is not None else list(enumerate(starts))
@@ -85,8 +89,9 @@ def generate_batches(config: ExperimentConfig, folder: Path, prompts: Sequence[s
     model = dist.autocast_forward(model, dist.get_accelerator())  # model.mixed_precision, as in training
     done: list[tuple[int, list[str]]] = []
     for index, start in tqdm(mine, desc=desc, unit="batch", disable=not dist.is_main()):
-        generation = generate(model, tokenizer, list(prompts[start:start + per_call]), n=n,
-                              seed=_batch_seed(seed, index), batch_size=config.eval.batch_size, **decoding)
+        chunk = list(prompts[start:start + per_call])
+        generation = generate(model, tokenizer, chunk, n=n, seeds=answer_seeds(seed, start, len(chunk), n),
+                              batch_size=config.eval.batch_size, method=config.eval.sampler, **decoding)
         done.append((index, [t.strip() for t in generation.texts]))
     del model, tokenizer
     _free_memory()

@@ -40,7 +40,7 @@ CHECKPOINT = "checkpoint"
 ENGINE = "policy_value"  # actor + critic's optimizer state in a checkpoint (optim.pt, or deepspeed/policy_value/)
 # Settings that may change between an interrupted run and its resumption (the rest must not).
 _RESUMABLE_CHANGES = ("steps", "save_every", "nan_policy", "gather_for_generation", "offload_reference",
-                      "offload_reward")
+                      "offload_reward", "sampler")
 
 
 @dataclass

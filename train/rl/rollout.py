@@ -1,7 +1,8 @@
 """PPO rollouts: sample a batch of answers, score them, and gather every process's share.
 
 ``collect_rollout`` samples ``ppo.samples_per_prompt`` answers for each of this process's prompts (each
-answer seeded by its place in the global batch, :func:`row_seeds`), then, without gradients, computes
+answer seeded by its place in the global batch, :func:`row_seeds`; ``ppo.sampler`` picks the decoder,
+both give the same answers), then, without gradients, computes
 the reference's log-probs, the reward model's score and the critic's values; ``gather_rollout`` joins
 the shares in rank order, so every process holds the global batch, laid out as a one-process run's.
 ``response_forward`` is the one forward the update repeats (actor logits and critic values).
@@ -11,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessorList
 
 from selfrank.ranking.engine import stable_seed
 from selfrank.train import dist
@@ -19,7 +19,6 @@ from selfrank.train.config import PPOConfig
 from selfrank.train.models.masks import position_ids_from_mask
 from selfrank.train.rl.ppo_math import entropy_from_logits, logprobs_from_logits
 from selfrank.train.sampling.generation import generate
-from selfrank.train.sampling.row_sampler import RowSeededSampler
 
 
 @dataclass
@@ -107,12 +106,11 @@ def collect_rollout(model, ref, rm, tokenizer, prompts: list[str], cfg: PPOConfi
     k = cfg.samples_per_prompt
     gather = cfg.gather_for_generation
     from_sampling = logprobs_at_sampling(cfg, model, acc)
-    sampler = RowSeededSampler(seeds, cfg.temperature, cfg.top_p, record=from_sampling)
     with dist.gathered_for_generation(model, acc, gather=gather) as inner:
-        gen = generate(inner.policy, tokenizer, prompts, n=k, do_sample=False, max_new_tokens=cfg.max_new_tokens,
-                       batch_size=max(1, len(prompts) * k),
-                       generate_kwargs={"logits_processor": LogitsProcessorList([sampler]),
-                                        **dist.generation_kwargs(model, acc, gather=gather)})
+        gen = generate(inner.policy, tokenizer, prompts, n=k, temperature=cfg.temperature, top_p=cfg.top_p,
+                       max_new_tokens=cfg.max_new_tokens, seeds=seeds, batch_size=max(1, len(prompts) * k),
+                       method=cfg.sampler, record=from_sampling,
+                       synced=bool(dist.generation_kwargs(model, acc, gather=gather).get("synced_gpus")))
     device = acc.device
     response_ids = gen.response_ids.to(device)
     mask = gen.response_mask.to(device)
@@ -123,8 +121,7 @@ def collect_rollout(model, ref, rm, tokenizer, prompts: list[str], cfg: PPOConfi
     if from_sampling:
         # Trick (speed): the log-probs the sampler saw while drawing, so the actor runs no second forward
         # over the batch; they differ from the update's forward only by float round-off (cached keys).
-        logp, token_entropy = (t.to(device) for t in sampler.recorded(length))
-        logp = logp.masked_fill(mask == 0, 0.0)
+        logp, token_entropy = gen.logp.to(device), gen.entropy.to(device)  # 0 after each answer's end
         _, values = response_forward(model, input_ids, attention_mask, length, values_only=True)
     else:
         # Log-probs recomputed by a plain forward at the sampling temperature (logits / T), the same

@@ -6,9 +6,11 @@ queue (``ranking.pool``), so ranking hides behind generation. Outputs in ``runs/
 
 Under a launcher the batches are dealt round-robin to the processes (batch ``i`` to rank
 ``i % world``), every process feeds its node's shared ranking pool (``train.ranking_service``), and
-the main process merges the results. Batches are seeded by their index, so the samples, and so the
-outputs, are the same for any number of processes. Each process appends what it has ranked to its
-own ``progress.<rank>.jsonl``; a killed run resumes from all of them, with any number of processes.
+the main process merges the results. Each answer is seeded by its example's id and its index
+(``answer_seeds``), so the samples, and so the outputs, are the same for any number of processes and
+any batch size. Each prompt is prefilled once for its K answers (``sample.sampler``). Each process
+appends what it has ranked to its own ``progress.<rank>.jsonl``; a killed run resumes from all of
+them, with any number of processes.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 from selfrank.atomic import write_jsonl
 from selfrank.jsonl import read_appended_rows
 from selfrank.ranking.config import RankingConfig
+from selfrank.ranking.engine import stable_seed
 
 from selfrank.train.config import ExperimentConfig
 from selfrank.train.rundir import RunDir
@@ -74,6 +77,12 @@ def _load_progress(folder: Path) -> dict[str, dict]:
     for path in sorted(folder.glob("progress.*.jsonl")):
         done.update(_read_progress(path))
     return done
+
+
+def answer_seeds(seed: int, examples, k: int) -> list[int]:
+    """One sampling seed per answer, from the run's seed, the example's id and the answer's index: an
+    answer does not depend on the batching nor on the number of processes."""
+    return [stable_seed("sample", seed, ex.id, j) for ex in examples for j in range(k)]
 
 
 def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext | None = None) -> dict | None:
@@ -144,8 +153,8 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext |
             generation = generate(
                 model, tokenizer, [ex.prompt for ex in batch], n=k, do_sample=True,
                 temperature=config.sample.temperature, top_p=config.sample.top_p,
-                max_new_tokens=config.sample.max_new_tokens, seed=config.seed * 100_003 + index,
-                batch_size=size * k,
+                max_new_tokens=config.sample.max_new_tokens, seeds=answer_seeds(config.seed, batch, k),
+                batch_size=size * k, method=config.sample.sampler,
             )
             generate_s += time.perf_counter() - tick
             groups = [

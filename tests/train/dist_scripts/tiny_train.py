@@ -157,6 +157,20 @@ def main() -> None:
                                  eos_token_id=tokenizer.eos_token_id, **dist.generation_kwargs(model, acc, False))
             texts.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
         result["trained_text_sharded"] = dist.gather_lists(texts)
+    # Sampled answers (2 per prompt, seeded per answer): full weights on every rank, and sharded weights
+    # with uneven shares (rank 0: 1 prompt, rank 1: 3, one prompt per chunk), every rank stepping in sync.
+    seeds = list(range(50, 50 + 2 * len(PROMPTS)))
+    sampling = dict(n=2, temperature=0.9, max_new_tokens=6, batch_size=2)
+    with dist.gathered_for_generation(model, acc, gather=True) as m:
+        result["sampled_text_gathered"] = generate(m, tokenizer, PROMPTS, seeds=seeds, **sampling).texts
+    with dist.gathered_for_generation(model, acc, gather=False) as m:
+        shares = [(0, len(PROMPTS))] if acc.num_processes == 1 else [(0, 1), (1, len(PROMPTS))]
+        first, last = shares[acc.process_index]
+        synced = "synced_gpus" in dist.generation_kwargs(model, acc, False)
+        texts = generate(m, tokenizer, PROMPTS[first:last], seeds=seeds[2 * first:2 * last], synced=synced,
+                         **sampling).texts
+        result["sampled_text_sharded"] = dist.gather_lists(texts)
+        result["sampled_synced"] = synced
     # The engine must still train after generation (ZeRO-3 hooks restored): one more step.
     model.train()
     result["loss_after_generation"] = train_step()
