@@ -127,8 +127,8 @@ def rank_group(
         labels = isodata(emb, config.isodata)
     else:
         labels = np.arange(n)
-    medoids = medoid_indices(emb, labels)
     position = {idx: pos for pos, idx in enumerate(order)}
+    medoids = medoid_indices(emb, labels, preference=[position[i] for i in range(n)])
     representatives = sorted(medoids, key=lambda idx: position[idx])
 
     # Two identical texts teach the reward model nothing (only possible with ISODATA off, since

@@ -224,13 +224,26 @@ def isodata(points: np.ndarray, config: IsodataConfig) -> np.ndarray:
     return _first_appearance(labels[inverse])
 
 
-def medoid_indices(points: np.ndarray, labels) -> list[int]:
+# Relative tolerance under which two members' total distances count as equal: the pairwise distances come
+# from a matrix product, whose round-off reaches ~1e-8 of a distance (measured on 384-d embeddings).
+MEDOID_TIE_TOL = 1e-6
+
+
+def medoid_indices(points: np.ndarray, labels, preference=None) -> list[int]:
     """Index of each cluster's medoid (the member with the least total Euclidean distance to the
-    other members; ties -> lower index), listed by label 0..C-1."""
+    other members), listed by label 0..C-1.
+
+    Members whose totals are equal up to float round-off (always so in a two-member cluster, where
+    both totals are the one distance between them) are tied; a tie goes to the member with the lowest
+    ``preference`` (e.g. its TextRank position: the better-ranked answer represents the cluster), then
+    to the lower index. Why a tolerance rather than exact comparison or rounding: the totals of tied
+    members differ by ~1e-16 depending on summation order, so which one won would hang on float noise
+    and could differ between machines."""
     pts = np.asarray(points, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if labels.size == 0:
         return []
+    rank = np.zeros(labels.size) if preference is None else np.asarray(preference, dtype=np.float64)
     out = []
     for c in range(int(labels.max()) + 1):
         members = np.flatnonzero(labels == c)
@@ -238,6 +251,6 @@ def medoid_indices(points: np.ndarray, labels) -> list[int]:
             raise ValueError(f"cluster label {c} has no members; labels must be 0..C-1 without gaps")
         sub = pts[members]
         total = np.sqrt(_sq_dists(sub, sub)).sum(1)
-        # Round so that float noise between equally central members falls to the lower index.
-        out.append(int(members[int(np.argmin(np.round(total, 10)))]))
+        tied = members[total <= total.min() + MEDOID_TIE_TOL * max(1.0, float(total.min()))]
+        out.append(int(min(tied, key=lambda idx: (rank[idx], idx))))
     return out

@@ -46,7 +46,7 @@ def test_end_to_end_on_hand_made_embeddings():
     assert len(set(g.clusters)) == 3
     reps = g.representatives
     assert len(reps) == 3 and [g.clusters[r] for r in reps] == [g.clusters[0], g.clusters[3], g.clusters[5]]
-    assert sorted(reps) == sorted(medoid_indices(EMB, g.clusters))
+    assert sorted(reps) == sorted(medoid_indices(EMB, g.clusters, preference=[g.order.index(i) for i in range(6)]))
     # IL = floor(3 / 2) = 1: every representative beats every lower-ranked one.
     assert g.pairs == [(reps[0], reps[1]), (reps[0], reps[2]), (reps[1], reps[2])]
     assert g.noise == [None, None, None]

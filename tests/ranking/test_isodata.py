@@ -167,3 +167,16 @@ def test_medoids_match_brute_force_and_break_ties_low():
     assert medoid_indices(np.zeros((0, 2)), []) == []
     with pytest.raises(ValueError):
         medoid_indices(line, [0, 2, 2, 0])
+
+
+def test_a_tie_goes_to_the_preferred_member_whatever_the_float_noise():
+    # Two members: both totals are the one distance between them, computed in two orders.
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        pair = rng.normal(size=(2, 384)).astype(np.float32)
+        assert medoid_indices(pair, [0, 0]) == [0]
+        assert medoid_indices(pair, [0, 0], preference=[1, 0]) == [1]  # the better-ranked one
+        assert medoid_indices(pair[::-1], [0, 0], preference=[0, 1]) == [0]
+    line = np.array([[0.0], [1.0], [2.0], [10.0]])
+    assert medoid_indices(line, [0, 0, 0, 0], preference=[3, 2, 1, 0]) == [2]  # 1 and 2 tie; 2 is preferred
+    assert medoid_indices(line, [0, 0, 0, 0], preference=[0, 1, 2, 3]) == [1]  # a non-tied member never wins
