@@ -49,14 +49,12 @@ import json
 import logging
 import math
 import queue
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from selfrank.atomic import write_jsonl
@@ -97,6 +95,7 @@ from selfrank.train.models.reward_model import RewardModel, disable_dropout
 from selfrank.train.models.masks import position_ids_from_mask
 from selfrank.train.dist.stage_setup import begin_training, end_training, stage_cost
 from selfrank.train.rundir import RunDir
+from selfrank.train.progress import StepProgress
 from selfrank.train.signals import stop_if_requested
 from selfrank.train.stages.context import StageContext
 from selfrank.train.stages.variants import per_variant
@@ -348,7 +347,7 @@ def _finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-_STAT_KEYS = ("loss/policy", "loss/value", "policy/clipfrac", "value/clipfrac", "policy/approxkl")
+_STAT_KEYS = ("loss/policy", "loss/value", "policy/clipfrac", "value/clipfrac", "policy/approxkl", "policy/ratio")
 
 
 def _clip_norm(params, max_norm: float) -> torch.Tensor:
@@ -407,11 +406,13 @@ def ppo_update(model, optimizer, ro: Rollout, advantages: torch.Tensor, returns:
             optimizer.step()  # under DeepSpeed the engine stepped (and clipped) in ``backward``
 
             with torch.no_grad():
+                ratio = torch.exp(new_logp.detach() - ro.logp[idx])  # logged as TRL's val/ratio
                 sums.append(torch.stack([pg_sum.detach(), vf_sum.detach(), (pg_clipped * mask_f).sum(),
-                                         (vf_clipped * mask_f).sum(), (half_sq * mask_f).sum(), count]).double())
+                                         (vf_clipped * mask_f).sum(), (half_sq * mask_f).sum(),
+                                         (ratio * mask_f).sum(), count]).double())
     optimizer.zero_grad(set_to_none=True)
     totals = dist.reduce_sum(torch.stack(sums), acc)
-    means = totals[:, :5] / totals[:, 5:].clamp_min(1.0)  # each minibatch's global token means
+    means = totals[:, :-1] / totals[:, -1:].clamp_min(1.0)  # each minibatch's global token means
     return {key: float(value) for key, value in zip(_STAT_KEYS, means.mean(0))}
 
 
@@ -597,8 +598,7 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
     last: dict = {}
     dropped_groups = [0]  # rollout groups the full ranking pool could not take
     use_pool = ranking_pool is not None
-    bar = tqdm(range(progress.step, cfg.steps), desc="ppo", initial=progress.step, total=cfg.steps,
-               disable=not (main and sys.stderr.isatty()))
+    bar = StepProgress(f"ppo {out_folder.name}", cfg.steps, initial=progress.step, enabled=main)
     log_file = open(log_path, "a", encoding="utf-8") if main else None
     try:
 
@@ -680,6 +680,8 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
                 "step": step,
                 "episodes": progress.episodes,
                 "objective/kl": float(sequence_kl.mean()),
+                # The same KL with the k3 estimator: never negative per token, lower variance (see per_token_kl).
+                "objective/kl_k3": float((per_token_kl(ro.logp, ro.ref_logp, "k3") * ro.mask).sum(1).mean()),
                 "objective/kl_coef": kl_coef,
                 "objective/entropy": ro.mean_entropy,
                 "reward/mean": float(ro.score.mean()),
