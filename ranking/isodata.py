@@ -237,13 +237,7 @@ def medoid_indices(points: np.ndarray, labels) -> list[int]:
         if members.size == 0:
             raise ValueError(f"cluster label {c} has no members; labels must be 0..C-1 without gaps")
         sub = pts[members]
-        sq = _sq_dists(sub, sub)
-        # Exact zeros on the diagonal and exact symmetry: the expansion leaves float noise of ~1e-16 there,
-        # which the square root turns into ~1e-8, enough to break the tie between the two members of a
-        # pair one way or the other depending on the BLAS in use.
-        sq = (sq + sq.T) / 2.0
-        np.fill_diagonal(sq, 0.0)
-        total = np.sqrt(sq).sum(1)
+        total = np.sqrt(_sq_dists(sub, sub)).sum(1)
         # Round so that float noise between equally central members falls to the lower index.
         out.append(int(members[int(np.argmin(np.round(total, 10)))]))
     return out

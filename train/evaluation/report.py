@@ -60,7 +60,7 @@ COLUMN_HELP = {
 }
 CURVE_KEYS = ("reward/mean", "objective/kl", "objective/kl_k3")
 CURVE_LABELS = {"reward/mean": "reward (normalised RM score; SFT samples: mean 0, std 1)",
-                "objective/kl": "KL(policy || SFT), k1, nats per answer",
+                "objective/kl": "KL(policy || SFT), nats per answer (k1; dashed: k3)",
                 "objective/kl_k3": "KL(policy || SFT), k3, nats per answer"}
 # Corpus BLEU needs answers with 4-grams: below this median gold length (tokens) it is left out.
 MIN_BLEU_TOKENS = 4
@@ -305,6 +305,8 @@ def plot_curves(curves: dict, key: str, path: Path, extra: str | None = None) ->
             steps, values = [p[0] for p in pairs], [p[1] for p in pairs]
             window = max(1, len(values) // 10)
             label = f"{row_title(name)}{' (k3)' if dashed else ''}, mean of {window} steps"
+            if extra is not None and not dashed:
+                label = label.replace(", mean", " (k1), mean")
             if not dashed:
                 ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
             ax.plot(steps, moving_average(values, window), color=color, linewidth=1.8,
