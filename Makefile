@@ -10,16 +10,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.selfrank-installed
 PRETRAINED_STAMP := $(VENV)/.selfrank-pretrained
-NLTK_DATA_DIR := $(CURDIR)/.cache/nltk_data
-WORDNET := $(NLTK_DATA_DIR)/corpora/wordnet/lexnames
+# WordNet (for METEOR) goes where NLTK always looks, inside the environment: every command finds it with
+# no variable set, from any directory (see launch/setup_wordnet.py).
+WORDNET := $(VENV)/share/nltk_data/corpora/wordnet/lexnames
 PYTEST_ARGS ?=
 
+# Nothing here is needed by the commands themselves (the README's commands work outside make):
+# offline hub access only keeps a machine without internet from waiting on it.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-export WANDB_MODE ?= offline
-export NLTK_DATA := $(NLTK_DATA_DIR)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PYTHONDONTWRITEBYTECODE := 1
 
@@ -47,7 +48,7 @@ $(PRETRAINED_STAMP): $(STAMP) train/models/pretrained.py
 	touch $@
 
 $(WORDNET): launch/setup_wordnet.py | $(STAMP)
-	$(PY) -m selfrank.launch.setup_wordnet $(NLTK_DATA_DIR)
+	$(PY) -m selfrank.launch.setup_wordnet
 
 # A real single-node Slurm for the SLURM tests (Debian packages; needs root, as CI has).
 $(SLURM_BIN):

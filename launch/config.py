@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -68,8 +69,22 @@ def build(cls: type[T], data: dict | None, prefix: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         where = f"{prefix}.{name}" if prefix else name
+        _check_finite(value, where)
         kwargs[name] = _coerce(hints[name], value, where)
     return cls(**kwargs)
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Refuse NaN and infinity anywhere (YAML's .nan / .inf, 1e999): no setting means them, and a NaN
+    passes every range check (all comparisons with it are false)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -111,11 +126,19 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             # YAML 1.1 reads "1e-4" (no dot) as a string; accept it when it parses as a number.
             if isinstance(value, str):
                 try:
-                    return float(value)
+                    number = float(value)
                 except ValueError:
                     pass
+                else:
+                    _check_finite(number, where)
+                    return number
             raise UserError(f"{where}: expected a number, got {_kind(value)}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise UserError(f"{where}: must be a finite number, got {value!r}"[:120]) from None
+        _check_finite(number, where)
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise UserError(f"{where}: expected a string, got {_kind(value)}")

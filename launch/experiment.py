@@ -327,10 +327,15 @@ def _sweep_lines(sweep: dict) -> list[str]:
     return lines
 
 
-def run_grid(grid: GridConfig) -> dict:
+def run_grid(grid: GridConfig, force: bool = False) -> dict:
+    """Run (resume) every run of the grid, then pool them. Every run's config is loaded and checked
+    (``launch.preflight``) before any work starts; ``force`` as for ``selfrank run``."""
+    from selfrank.train import dist
+    from selfrank.train.config import STAGES
     from selfrank.train.pipeline import run_pipeline
 
     from selfrank.launch.config import load_experiment
+    from selfrank.launch.preflight import preflight
 
     root = Path(grid.output_dir) / grid.name
     configs = {}
@@ -339,10 +344,12 @@ def run_grid(grid: GridConfig) -> dict:
             task_name = Path(task_path).stem
             configs[(task_name, seed)] = load_experiment(
                 task_path, [*grid.overrides, f"seed={seed}", f"name={task_name}-s{seed}", f"output_dir={root}"])
+    for config in configs.values():
+        preflight(config, list(STAGES), world=dist.world_size(), resume=True, force=force)
     sweeps = {}
     for (task_name, seed), config in configs.items():
         log.info("grid %s: %s seed %d", grid.name, task_name, seed)
-        run_pipeline(config, resume=True)
+        run_pipeline(config, resume=True, force=force)
         if task_name in grid.agreement_sweep.tasks and seed == grid.seeds[0]:
             sweeps[task_name] = run_sweep(config, grid.agreement_sweep, root / f"{task_name}-s{seed}")
     tasks, ledgers = {}, {}

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol")
+FEATURES = "selfrank,fast"  # node features of the local cluster (for jobs with --constraint)
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
 
@@ -57,8 +58,10 @@ def create_munge_key(path: Path, size: int = 1024) -> Path:
 
 
 def write_slurm_conf(root: Path, *, hostname: str, munge_socket: Path, ctld_port: int, slurmd_port: int,
-                     cpus: int = 2, real_memory_mb: int = 1024, partition: str = "debug") -> Path:
-    """A minimal slurm.conf for one node that is also the controller; no accounting, no cgroups."""
+                     cpus: int = 2, real_memory_mb: int = 1024, partition: str = "debug",
+                     features: str = FEATURES) -> Path:
+    """A minimal slurm.conf for one node that is also the controller; no accounting, no cgroups. The
+    node advertises ``features`` (comma-separated), which jobs may ask for with ``--constraint``."""
     state, spool, logs = root / "state", root / "spool", root / "log"
     for folder in (state, spool, logs):
         folder.mkdir(parents=True, exist_ok=True)
@@ -93,7 +96,7 @@ SwitchType=switch/none
 MailProg=/bin/true
 MinJobAge=600
 KillWait=10
-NodeName={hostname} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={real_memory_mb} State=UNKNOWN
+NodeName={hostname} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={real_memory_mb} Features={features} State=UNKNOWN
 PartitionName={partition} Nodes={hostname} Default=YES MaxTime=INFINITE State=UP
 """
     path = root / "slurm.conf"

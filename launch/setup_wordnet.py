@@ -3,9 +3,13 @@
 ``nltk.download`` needs the internet. Debian's ``wordnet-base`` + ``wordnet-sense-index`` hold the
 same WordNet 3.0 database that NLTK ships; NLTK additionally wants a ``lexnames`` file, which we
 generate from the ``lexnames(5WN)`` man page inside wordnet-base. The result is a folder
-``<dest>/corpora/wordnet`` to put on ``NLTK_DATA``.
+``<dest>/corpora/wordnet``.
 
-Usage: python -m selfrank.launch.setup_wordnet DEST   (installs the Debian packages if missing and root)
+By default ``dest`` is ``<sys.prefix>/share/nltk_data``: a folder NLTK always searches, so every
+``selfrank`` command of this environment finds WordNet from any directory, in a Slurm job too, with
+no variable to set. ``NLTK_DATA`` still takes precedence when set.
+
+Usage: python -m selfrank.launch.setup_wordnet [DEST]   (installs the Debian packages if missing and root)
 """
 from __future__ import annotations
 
@@ -62,9 +66,10 @@ def build(dest: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    dest = Path(argv[1] if len(argv) > 1 else ".cache/nltk_data").resolve()
+    from selfrank.train.evaluation.metrics import wordnet_home
+
+    dest = Path(argv[1] if len(argv) > 1 else wordnet_home()).resolve()
     target = build(dest)
-    os.environ["NLTK_DATA"] = str(dest)
     import nltk
 
     if str(dest) not in nltk.data.path:

@@ -35,6 +35,15 @@ _TIME = re.compile(r"\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}
                    r"|UNLIMITED|INFINITE|unlimited|infinite")
 # The signal arrives this many seconds before the time limit: enough to write a checkpoint.
 SIGNAL_LEAD_S = 120
+_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,128}")  # Slurm account / QOS names
+_MEM = re.compile(r"\d+[KMGT]?")
+# sbatch's feature expressions: names joined by & | , with optional [..] groups and *count.
+_CONSTRAINT = re.compile(r"[A-Za-z0-9_.:=\-&|,*\[\]()!]+")
+_SBATCH_OPTION = re.compile(r"--[a-z][a-z0-9-]*(=[^\s'\"\\$`]+)?")
+# Options the script sets itself (each has its own flag, or is what requeueing relies on).
+_OWN_OPTIONS = ("job-name", "nodes", "ntasks-per-node", "cpus-per-task", "gpus-per-node", "partition", "time",
+                "output", "error", "open-mode", "requeue", "signal", "account", "qos", "exclusive", "mem",
+                "constraint")
 
 
 def _check_text(name: str, value: str) -> str:
@@ -51,6 +60,22 @@ def _check_path(name: str, value: str | Path) -> str:
     if re.search(r"[\s'\"\\$`%]", text):
         raise UserError(f"{name}: spaces, quotes, '\\', '$', '`' and '%' are not supported in paths: {text!r}")
     return text
+
+
+def _check_pattern(name: str, value: str, pattern: re.Pattern, what: str) -> str:
+    if not pattern.fullmatch(_check_text(name, value)):
+        raise UserError(f"{name}: {what}, got {value!r}")
+    return value
+
+
+def _check_sbatch_option(option: str) -> str:
+    _check_pattern("--sbatch", option, _SBATCH_OPTION,
+                   "one option as on an #SBATCH line, e.g. --reservation=big (no spaces or quotes)")
+    name = option[2:].split("=", 1)[0]
+    if name in _OWN_OPTIONS:
+        raise UserError(f"--sbatch: --{name} is written by `selfrank slurm` itself (from the config's name, "
+                        "its own flags, or what requeueing needs); use its flag instead, see --help")
+    return option
 
 
 def validate_time(value: str) -> str:
@@ -90,14 +115,30 @@ def render_sbatch(
     mixed_precision: str = "no",
     main_port: int | None = None,
     workdir: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    force: bool = False,
+    account: str | None = None,
+    qos: str | None = None,
+    exclusive: bool = False,
+    mem: str | None = None,
+    constraint: str | None = None,
+    sbatch_lines: Sequence[str] = (),
+    setup_lines: Sequence[str] = (),
+    wrap: str | None = None,
     _program: Sequence[str] | None = None,
 ) -> str:
     """The text of an sbatch script running ``selfrank <stage> CONFIG --resume`` on ``nodes`` nodes.
 
     ``gpus_per_node`` is the number of processes per node (one per GPU); with ``cpu`` it is the number
     of CPU processes per node and no GPUs are requested. ``main_port`` defaults to a port derived
-    from the job id, so two jobs sharing a node do not collide. ``_program`` replaces the arguments
-    after ``accelerate launch`` (internal: tests point it at a quick command).
+    from the job id, so two jobs sharing a node do not collide. ``overrides`` (``KEY=VALUE``) go to the
+    job's ``selfrank`` as ``--set``, ``force`` as ``--force``. ``account``, ``qos``, ``exclusive``,
+    ``mem``, ``constraint`` and ``sbatch_lines`` (whole options, e.g. ``--reservation=big``) become
+    ``#SBATCH`` lines. ``setup_lines`` are shell lines run in the batch shell before the launch
+    (``module load ...``; their environment reaches every node's processes). ``wrap`` is a command the
+    trainer runs inside on each node (``apptainer exec --nv image.sif``), quoted word by word.
+    ``_program`` replaces the arguments after ``accelerate launch`` (internal: tests point it at a quick
+    command).
     """
     from selfrank.train.config import STAGES
 
@@ -129,6 +170,23 @@ def render_sbatch(
         if str(value):
             _check_text(f"environment variable {key}", str(value))
 
+    if account is not None:
+        _check_pattern("--account", account, _NAME, "an account name (letters, digits, '_', '.', '+', '-')")
+    if qos is not None:
+        _check_pattern("--qos", qos, _NAME, "a QOS name (letters, digits, '_', '.', '+', '-')")
+    if mem is not None:
+        _check_pattern("--mem", mem, _MEM, "a size such as 64G, 512000M or 0 (all of the node's memory)")
+    if constraint is not None:
+        _check_pattern("--constraint", constraint, _CONSTRAINT, "a feature expression such as a100 or 'a100&ib'")
+    extra_options = [_check_sbatch_option(option) for option in sbatch_lines]
+    setup = [_check_text("--setup", line) for line in setup_lines]
+    wrap_words = shlex.split(_check_text("--wrap", wrap)) if wrap is not None else []
+    if wrap is not None and not wrap_words:
+        raise UserError("--wrap: give the command to run the trainer inside, e.g. 'apptainer exec --nv image.sif'")
+    for item in overrides:
+        if "=" not in _check_text("--set", item):
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. ppo.steps=10")
+
     run_dir = Path(_check_path("run folder", Path(run_dir).absolute()))
     workdir = Path(_check_text("work folder", str(Path(workdir or Path.cwd()).absolute())))
     config_abs = _check_text("config path", str(workdir / config_path))
@@ -147,6 +205,18 @@ def render_sbatch(
         head.append(f"#SBATCH --partition={q(partition)}")
     if time:
         head.append(f"#SBATCH --time={q(time)}")
+    if account:
+        head.append(f"#SBATCH --account={q(account)}")
+    if qos:
+        head.append(f"#SBATCH --qos={q(qos)}")
+    if exclusive:
+        head.append("#SBATCH --exclusive")
+    if mem is not None:
+        head.append(f"#SBATCH --mem={q(mem)}")
+    if constraint:
+        # sbatch reads its own lines (no shell): double quotes, which it strips, keep '&' and '|' as text.
+        head.append(f'#SBATCH --constraint="{constraint}"')
+    head += [f"#SBATCH {option}" for option in extra_options]
     head += [
         f"#SBATCH --output={q(str(run_dir / 'slurm-%j.out'))}",
         f"#SBATCH --error={q(str(run_dir / 'slurm-%j.err'))}",
@@ -173,6 +243,8 @@ def render_sbatch(
         assign.append(f"export {key}={q(str(value))}")
     if cpu:
         assign += ["export ACCELERATE_USE_CPU=1", f"export OMP_NUM_THREADS={max(1, cpus_per_task // gpus_per_node)}"]
+    if setup:
+        assign += ["", "# Set-up lines given to `selfrank slurm --setup`, as written:", *setup, ""]
     port = str(main_port) if main_port is not None else "$((20000 + SLURM_JOB_ID % 20000))"
     assign += [
         'export MAIN_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
@@ -182,10 +254,12 @@ def render_sbatch(
     ]
 
     program = (list(_program) if _program is not None
-               else ["-m", "selfrank", '"$STAGE"', '"$CONFIG"', "--resume"])
+               else ["-m", "selfrank", '"$STAGE"', '"$CONFIG"', "--resume"]
+               + (["--force"] if force else []) + [a for item in overrides for a in ("--set", q(item))])
     if _program is not None:
         program = [q(a) for a in program]
     launch = " ".join([
+        *(q(word) for word in wrap_words),
         '"$PYTHON" -m accelerate.commands.launch',
         '--num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID"',
         '--num_processes "$NUM_PROCESSES" --main_process_ip "$MAIN_HOST" --main_process_port "$MAIN_PORT"',
@@ -268,10 +342,14 @@ def supervise(argv: Sequence[str]) -> int:
 
 
 def slurm_command(args) -> int:
-    """`selfrank slurm`: write the job script (atomically) and optionally submit it."""
+    """`selfrank slurm`: check the config for the job's world size, write the job script (atomically)
+    and optionally submit it."""
     from selfrank.launch.config import load_experiment
+    from selfrank.launch.preflight import preflight
+    from selfrank.train.config import STAGES
 
-    config = load_experiment(args.config)
+    overrides = list(getattr(args, "overrides", []) or [])
+    config = load_experiment(args.config, overrides)
     run_dir = Path(config.output_dir) / config.name
     deepspeed = getattr(args, "deepspeed", None)
     if deepspeed is not None:
@@ -284,6 +362,17 @@ def slurm_command(args) -> int:
             json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise UserError(f"--deepspeed: {path}: not valid JSON ({exc})") from None
+    for value, flag in ((args.nodes, "--nodes"), (args.gpus_per_node, "--gpus-per-node")):
+        if value < 1:
+            raise UserError(f"{flag}: must be an integer >= 1, got {value}")
+    stage = args.stage
+    if stage not in (*STAGES, "run"):
+        raise UserError(f"--stage: must be one of run, {', '.join(STAGES)}; got {stage!r}")
+    force = getattr(args, "force", False)
+    # What the job would refuse after its wait in the queue, refused now: the batch layouts for its
+    # world size, the rerun policy (the job resumes), WordNet for its eval stage.
+    preflight(config, list(STAGES) if stage == "run" else [stage], world=args.nodes * args.gpus_per_node,
+              resume=True, force=force, redo=force and stage != "run", later=True)
     script = render_sbatch(
         args.config,
         job_name=config.name,
@@ -292,17 +381,28 @@ def slurm_command(args) -> int:
         partition=args.partition,
         time=args.time,
         deepspeed_config=deepspeed,
-        stage=args.stage,
+        stage=stage,
         cpu=args.cpu,
         run_dir=run_dir,
         mixed_precision=config.model.mixed_precision,
+        overrides=overrides,
+        force=force,
+        account=getattr(args, "account", None),
+        qos=getattr(args, "qos", None),
+        exclusive=getattr(args, "exclusive", False),
+        mem=getattr(args, "mem", None),
+        constraint=getattr(args, "constraint", None),
+        sbatch_lines=getattr(args, "sbatch_lines", []) or [],
+        setup_lines=getattr(args, "setup_lines", []) or [],
+        wrap=getattr(args, "wrap", None),
     )
     target = Path(args.output) if args.output else run_dir / "job.sbatch"
     write_text(target, script)
     run_dir.mkdir(parents=True, exist_ok=True)  # sbatch opens its log files there before the job starts
     print(f"wrote {target}")
     if args.submit:
-        print(submit(target))
+        job = submit(target)
+        print(f"submitted job {job}; its log: {run_dir.absolute() / f'slurm-{job}.out'}")
     return 0
 
 

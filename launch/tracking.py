@@ -1,15 +1,22 @@
-"""Weights & Biases tracking for one run folder: rank 0 only, offline unless a key is present.
+"""Weights & Biases tracking for one run folder: rank 0 only.
 
 ``Tracker.open`` returns a real tracker on the main process and a no-op one everywhere else (and when
 tracking is disabled), so stage code calls ``log``/``log_table``/``finish`` without asking who it is.
 
-* Mode: ``tracking.wandb`` in the config. "online" needs ``WANDB_API_KEY``; without it the run is
-  kept offline (``wandb sync`` uploads it later) rather than failing a job after hours in a queue.
+* Mode: ``tracking.wandb`` in the config: "disabled" (the default), "offline" (files in
+  ``runs/<name>/wandb/``, uploaded later with ``wandb sync``) or "online". "online" needs W&B
+  credentials as wandb itself finds them (``wandb login``'s netrc entry, ``WANDB_API_KEY``, or
+  ``WANDB_IDENTITY_TOKEN_FILE``); without any the run is kept offline, with a warning, rather than
+  failing a job after hours in a queue.
 * Identity: the W&B run id is written once to ``<run_dir>/wandb_id.txt``; ``resume=True`` reuses it
   (``resume="allow"``), so a requeued or restarted job continues the same W&B run.
 * Each stage logs under its own prefix (``sft/``, ``reward/``, ``ppo/``...) against its own step axis
   (``<stage>/step``): stages count steps from 0 and W&B drops points whose global step goes back.
+  PPO's per-step metrics go under TRL's names (``ppo/<variant>/objective/kl``, ...; see
+  :data:`TRL_NAMES`), so dashboards made for TRL's PPO trainer read them; ``log.jsonl`` keeps PPO's own.
 * The logged config passes through ``launch.secrets.redact``.
+* ``finish`` returns once the run's files are complete (the W&B service writes them after the run
+  itself reports finished, so it is shut down and waited for).
 """
 from __future__ import annotations
 
@@ -45,14 +52,42 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
-def resolve_mode(requested: str, environ: dict | None = None) -> str:
-    """The W&B mode to use: "disabled", "offline", or "online" (only when an API key is set)."""
+def has_credentials(environ: dict | None = None) -> bool:
+    """Whether wandb would find credentials: ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, or the
+    netrc entry ``wandb login`` writes for the W&B host (``WANDB_BASE_URL``, default api.wandb.ai)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    try:  # wandb's own reader (private module: its location changes between versions)
+        from wandb.sdk.lib.wbauth import wbnetrc
+
+        return bool(wbnetrc.read_netrc_auth(host=host))
+    except ImportError:
+        pass
+    except Exception as exc:  # a malformed entry: wandb would refuse it too
+        logger.warning("W&B credentials in netrc are unusable: %s", exc)
+        return False
+    import netrc
+    from urllib.parse import urlparse
+
+    path = environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(urlparse(host).hostname or host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def resolve_mode(requested: str, environ: dict | None = None, quiet: bool = False) -> str:
+    """The W&B mode to use: "disabled", "offline", or "online" (only when wandb finds credentials)."""
     environ = os.environ if environ is None else environ
     if requested not in ("online", "offline", "disabled"):
         raise UserError(f"tracking.wandb: must be one of online, offline, disabled; got {requested!r}")
-    if requested == "online" and not environ.get("WANDB_API_KEY"):
-        logger.warning("tracking.wandb is 'online' but WANDB_API_KEY is not set: logging offline "
-                       "(upload later with `wandb sync`)")
+    if requested == "online" and not has_credentials(environ):
+        if not quiet:
+            logger.warning("tracking.wandb is 'online' but no W&B credentials were found (run `wandb login` "
+                           "or set WANDB_API_KEY): logging offline (upload later with `wandb sync`)")
         return "offline"
     return requested
 
@@ -75,8 +110,9 @@ def sample_rows(groups: Iterable[dict], rewards: dict[tuple[str, int], float] | 
     """Rows for the sampled-answers table from ``RankedGroup.to_json()`` dicts.
 
     One row per answer: its TextRank score and rank, ISODATA cluster, whether it is its cluster's
-    representative, its role in the training pairs ("winner", "loser", "both" or "none") and, when
-    given, its reward (``rewards[(group_id, answer_index)]``).
+    representative, its role in the training pairs ("winner", "loser", "both" or "none") and its
+    reward: ``rewards[(group_id, answer_index)]`` when given, else the group's own ``"rewards"`` list
+    (one per answer, as the reward stage adds them), else None.
     """
     rows: list[list] = []
     for group in groups:
@@ -85,15 +121,55 @@ def sample_rows(groups: Iterable[dict], rewards: dict[tuple[str, int], float] | 
         rank_of = {index: position for position, index in enumerate(group.get("order", []))}
         reps = set(group.get("representatives", []))
         clusters = group.get("clusters") or [None] * len(group["responses"])
+        own = group.get("rewards")
         for i, response in enumerate(group["responses"]):
             role = ("both" if i in winners and i in losers else "winner" if i in winners
                     else "loser" if i in losers else "none")
-            reward = None if rewards is None else rewards.get((str(group.get("id")), i))
+            if rewards is not None:
+                reward = rewards.get((str(group.get("id")), i))
+            else:
+                reward = float(own[i]) if own is not None else None
             rows.append([str(group.get("id")), group.get("prompt", ""), response, float(group["scores"][i]),
                          rank_of.get(i), clusters[i], i in reps, role, reward])
             if max_rows is not None and len(rows) >= max_rows:
                 return rows
     return rows
+
+
+# PPO's log names -> the names TRL's PPO trainer logs (what TRL dashboards read); others keep their own.
+TRL_NAMES = {
+    "objective/kl": "objective/kl",  # mean over answers of the summed per-token k1 = log pi - log pi_ref
+    "objective/entropy": "objective/entropy",
+    "objective/rlhf_reward": "objective/rlhf_reward",  # score - kl_coef * KL, per answer
+    "reward/penalized_mean": "objective/scores",  # RM scores after the missing-EOS penalty
+    "policy/approxkl": "policy/approxkl_avg",
+    "policy/clipfrac": "policy/clipfrac_avg",
+    "loss/policy": "loss/policy_avg",
+    "loss/value": "loss/value_avg",
+    "value/clipfrac": "val/clipfrac_avg",
+    "policy/ratio": "val/ratio",
+    "episodes": "episode",
+}
+
+
+def trl_metrics(row: dict[str, Any], ppo, variants: Iterable[str] = ()) -> dict[str, Any]:
+    """One PPO step's row (``train.stages.ppo``; keys under ``<variant>/`` for a variant in ``variants``)
+    under TRL's names, plus TRL's ``lr`` (the actor's: PPO runs without a schedule) and ``eps``
+    (episodes per second of the step)."""
+    out: dict[str, Any] = {}
+    prefixes = set()
+    for key, value in row.items():
+        prefix = next((f"{v}/" for v in variants if key.startswith(f"{v}/")), "")
+        name = key[len(prefix):]
+        prefixes.add(prefix)
+        out[prefix + TRL_NAMES.get(name, name)] = value
+    episodes_per_step = ppo.batch_size * ppo.samples_per_prompt
+    for prefix in prefixes:
+        out[prefix + "lr"] = ppo.lr
+        step_s = row.get(prefix + "time/step_s")
+        if isinstance(step_s, (int, float)) and step_s > 0:
+            out[prefix + "eps"] = episodes_per_step / step_s
+    return out
 
 
 # After a kill, the dead process's W&B service can hold its run open for a while: a resumed job waits
@@ -141,8 +217,10 @@ class Tracker:
         """Start (or resume) the run folder's W&B run on the main process; a no-op tracker elsewhere."""
         if is_main is None:
             is_main = process_rank() == 0
+        if not is_main:
+            return cls(None)
         mode = resolve_mode(config.tracking.wandb)
-        if not is_main or mode == "disabled":
+        if mode == "disabled":
             return cls(None)
         install_log_redaction()
         import wandb
@@ -230,10 +308,18 @@ class Tracker:
             self._run.summary[key] = value
 
     def finish(self, exit_code: int = 0) -> None:
+        """End the run; returns once its files are complete."""
         if self._run is None:
             return
+        import wandb
+
         self._run.finish(exit_code=exit_code)
         self._run = None
+        # ``finish`` returns when the service has taken the run's last records, but the service writes
+        # the run's transaction log (``run-<id>.wandb``) on its own schedule: read right away, the file
+        # could still be a bare header. Shutting the service down waits until every file is closed
+        # (the next run starts a new service, in under a second).
+        wandb.teardown()
 
     def __enter__(self) -> "Tracker":
         return self
@@ -242,14 +328,25 @@ class Tracker:
         self.finish(exit_code=0 if exc_type is None else 1)
 
 
-def pipeline_callbacks(tracker: Tracker) -> dict:
+def pipeline_callbacks(tracker: Tracker, config: ExperimentConfig | None = None) -> dict:
     """The tracking callbacks ``train.pipeline.run_pipeline`` takes (``log``, ``log_table``, ``log_files``).
 
-    ``train`` never imports ``launch``: the pipeline calls these plain functions, which render its
-    ranked groups as the sampled-answers table (:func:`sample_rows`) and its report files as an artifact.
+    ``train`` never imports ``launch``: the pipeline calls these plain functions, which put PPO's
+    metrics under TRL's names (:func:`trl_metrics`, with ``config``), render ranked groups as the
+    sampled-answers table (:func:`sample_rows`; the reward column only when the groups carry rewards)
+    and report files as an artifact.
     """
-    def log_table(name: str, groups: list[dict], stage: str) -> None:
-        tracker.log_table(name, SAMPLE_COLUMNS, sample_rows(groups), stage=stage)
+    def log(metrics: dict, step: int, stage: str) -> None:
+        if stage == "ppo" and config is not None:
+            metrics = trl_metrics(metrics, config.ppo, config.variants)
+        tracker.log(metrics, step, stage)
 
-    return {"log": tracker.log, "log_table": log_table,
+    def log_table(name: str, groups: list[dict], stage: str) -> None:
+        rows = sample_rows(groups)
+        if any(row[-1] is not None for row in rows):
+            tracker.log_table(name, SAMPLE_COLUMNS, rows, stage=stage)
+        else:  # no rewards yet (the sample stage): no empty column
+            tracker.log_table(name, SAMPLE_COLUMNS[:-1], [row[:-1] for row in rows], stage=stage)
+
+    return {"log": log, "log_table": log_table,
             "log_files": lambda paths: tracker.log_artifact_files(paths)}

@@ -1,5 +1,11 @@
 """``selfrank rank``: rank a JSONL file of answer groups into a JSONL file of ranked groups.
 
+Each output line is its input line with the ranking added: every field the ranker does not know
+(``gold``, ``meta``, ...) is kept as it was, in place; ``id`` is added (the line number) when absent,
+and ``scores``, ``order``, ``clusters``, ``representatives``, ``pairs`` and ``noise`` are written
+after the line's own fields (replacing fields of those names, e.g. when a ranked file is ranked
+again; ``responses`` too, when the ranking's clean-up trims them). The README documents each field.
+
 The whole input is validated before any model is loaded, so a mistake on line 9,000 costs no
 ranking time; the output is written atomically only once every group is ranked, so an error
 leaves no file behind and an existing output untouched.
@@ -15,6 +21,7 @@ from tqdm import tqdm
 
 from selfrank.atomic import write_jsonl
 from selfrank.ranking.config import RankingConfig
+from selfrank.ranking.ranker import check_group
 from selfrank.errors import UserError
 from selfrank.jsonl import read_jsonl
 
@@ -31,38 +38,45 @@ class InputGroup:
     prompt: str
     responses: list[str]
     line: int
+    row: dict  # the input line as read, every field kept
+
+
+# What ranking adds to a line (``RankedGroup.to_json()``), besides the input's id, prompt and responses.
+RANKING_FIELDS = ("scores", "order", "clusters", "representatives", "pairs", "noise")
 
 
 def read_groups(path: str | os.PathLike) -> list[InputGroup]:
-    """Every line ``{"id"?, "prompt", "responses": [str, ...]}``, checked strictly; ids default to the
-    line number and must be unique. Other keys are ignored. Raises ``UserError`` naming file:line."""
+    """Every line ``{"id"?, "prompt", "responses": [str, ...], ...}``, checked strictly (the ranker's own
+    ``check_group``); ids default to the line number and must be unique. Other fields are kept for the
+    output. Raises ``UserError`` naming file:line."""
     groups: list[InputGroup] = []
     seen: dict[str, int] = {}
     for line, row in read_jsonl(path):
         where = f"{path}:{line}"
-        if "prompt" not in row:
-            raise UserError(f"{where}: missing field 'prompt'")
-        if not isinstance(row["prompt"], str):
-            raise UserError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
-        if "responses" not in row:
-            raise UserError(f"{where}: missing field 'responses'")
-        responses = row["responses"]
-        if not isinstance(responses, list):
-            raise UserError(f"{where}: 'responses' must be a list of strings, got {type(responses).__name__}")
-        if not responses:
-            raise UserError(f"{where}: 'responses' is empty (need at least 1 response)")
-        for i, text in enumerate(responses):
-            if not isinstance(text, str):
-                raise UserError(f"{where}: 'responses[{i}]' must be a string, got {type(text).__name__}")
         gid = row.get("id", line)
         if isinstance(gid, bool) or not isinstance(gid, (str, int)):
             raise UserError(f"{where}: 'id' must be a string or an integer, got {type(gid).__name__}")
         gid = str(gid)
+        try:
+            check_group({**row, "id": gid}, where)
+        except (TypeError, ValueError) as exc:
+            raise UserError(str(exc)) from None
         if gid in seen:
             raise UserError(f"{where}: duplicate id {gid!r} (first on line {seen[gid]})")
         seen[gid] = line
-        groups.append(InputGroup(gid, row["prompt"], responses, line))
+        groups.append(InputGroup(gid, row["prompt"], row["responses"], line, row))
     return groups
+
+
+def output_row(group: InputGroup, ranked: dict) -> dict:
+    """The input line with the ranking added (see the module docstring)."""
+    out = dict(group.row) if "id" in group.row else {"id": None, **group.row}  # a new id goes first
+    out["id"] = group.id  # as a string, like every ranked group's id
+    out["responses"] = ranked["responses"]
+    for key in RANKING_FIELDS:
+        out.pop(key, None)  # rewritten after the line's own fields
+    out.update({key: ranked[key] for key in RANKING_FIELDS})
+    return out
 
 
 def _rank_in_process(groups: list[InputGroup], config: RankingConfig, bar) -> list[dict]:
@@ -120,6 +134,6 @@ def rank_file(input_path: str | os.PathLike, output_path: str | os.PathLike, con
             rows = _rank_in_process(groups, config, bar)
         else:
             rows = _rank_in_pool(groups, config, workers, bar)
-    write_jsonl(output_path, rows)
+    write_jsonl(output_path, [output_row(group, row) for group, row in zip(groups, rows)])
     log.info("wrote %d ranked groups to %s", len(rows), output_path)
     return len(rows)

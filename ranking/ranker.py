@@ -41,26 +41,27 @@ def _blas_threads(threads: int):
         yield
 
 
-def check_group(group: dict) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the group if it is not ``{"id", "prompt", "responses"}``
-    with a list of strings; called before the shared embedding so that one bad group cannot
-    spoil the batch it came with."""
+def check_group(group: dict, where: str | None = None) -> None:
+    """Raise ``TypeError``/``ValueError`` if ``group`` is not ``{"id", "prompt", "responses"}`` with a
+    non-empty list of strings; the message starts with ``where`` (default: the group's id). Called
+    before the shared embedding so that one bad group cannot spoil the batch it came with, and by
+    ``ranking.files`` on every input line (with ``where`` = file:line)."""
     if not isinstance(group, dict):
-        raise TypeError(f"group must be a dict, got {type(group).__name__}")
-    gid = group.get("id")
+        raise TypeError(f"{where or 'group'}: expected a JSON object, got {type(group).__name__}")
+    where = where or f"group {group.get('id')!r}"
     for key in ("id", "prompt", "responses"):
         if key not in group:
-            raise ValueError(f"group {gid!r}: missing key {key!r}")
+            raise ValueError(f"{where}: missing field '{key}'")
     if not isinstance(group["prompt"], str):
-        raise TypeError(f"group {gid!r}: prompt is {type(group['prompt']).__name__}, expected str")
+        raise TypeError(f"{where}: 'prompt' must be a string, got {type(group['prompt']).__name__}")
     responses = group["responses"]
     if not isinstance(responses, (list, tuple)):
-        raise TypeError(f"group {gid!r}: responses is {type(responses).__name__}, expected a list of str")
+        raise TypeError(f"{where}: 'responses' must be a list of strings, got {type(responses).__name__}")
     if not responses:
-        raise ValueError(f"group {gid!r}: no responses")
+        raise ValueError(f"{where}: 'responses' is empty (need at least 1 response)")
     for i, text in enumerate(responses):
         if not isinstance(text, str):
-            raise TypeError(f"group {gid!r}: responses[{i}] is {type(text).__name__}, expected str")
+            raise TypeError(f"{where}: 'responses[{i}]' must be a string, got {type(text).__name__}")
 
 
 class Ranker:

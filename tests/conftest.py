@@ -1,4 +1,5 @@
-"""Test-wide settings: offline hub, offline W&B, local WordNet, and the shared real data."""
+"""Test-wide settings: offline hub, offline W&B, and the shared real data (WordNet is found where the
+set-up put it, inside the environment, as for every user command)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,6 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["WANDB_MODE"] = "offline"
-os.environ.setdefault("NLTK_DATA", str(REPO / ".cache" / "nltk_data"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 

@@ -35,3 +35,29 @@ def test_a_users_own_train_module_does_not_shadow_ours(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import selfrank.train.pipeline, selfrank.launch.cli; print('ok')"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def _requirements() -> list[str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values() for r in extra]
+
+
+def test_dependencies_are_ranges_that_hold_the_pinned_versions():
+    """pyproject states compatible ranges (a user's CUDA torch must satisfy them); constraints.txt pins the
+    versions tested together, and each pin must lie inside its range."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.lower()] = version
+    for text in _requirements():
+        requirement = Requirement(text)
+        assert not any(spec.operator == "==" for spec in requirement.specifier), f"{text}: an exact pin"
+        assert any(spec.operator in ("<", "<=", "~=") for spec in requirement.specifier) or \
+            requirement.name in ("pytest", "pytest-timeout"), f"{text}: no upper bound"
+        pin = pins.get(requirement.name.lower())
+        if pin is not None:
+            assert requirement.specifier.contains(pin), f"{text} excludes the tested {requirement.name}=={pin}"

@@ -388,7 +388,8 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    # "offline" (default, syncable later), "online" (needs WANDB_API_KEY in the environment), "disabled".
+    # "disabled" (default), "offline" (runs/<name>/wandb/, upload later with `wandb sync`), or "online"
+    # (needs W&B credentials as wandb finds them: `wandb login` or WANDB_API_KEY; else it logs offline).
     wandb: str = "disabled"
     project: str = "selfrank"
     entity: str | None = None

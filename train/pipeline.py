@@ -1,8 +1,12 @@
 """Run the STR stages in order: sft -> sample -> reward -> ppo -> eval.
 
-Each stage writes ``runs/<name>/<stage>/`` and a ``DONE.json`` summary when complete; complete stages
-are skipped (``force`` redoes them), ``resume`` continues a stage from its last checkpoint. The reward
-and PPO stages train one model per STR variant (``reward/<variant>/``, ``ppo/<variant>/``).
+Each stage writes ``runs/<name>/<stage>/`` and a ``DONE.json`` summary (with the settings it was made
+with) when complete. Before any stage runs, :func:`plan_stages` decides what happens to each one and
+the plan is logged: complete stages with the same settings are skipped; nothing finished is destroyed
+without consent (a finished stage whose settings changed is replaced only with ``force``, written
+beside the old one and swapped in when complete; an unfinished stage's checkpoints are continued with
+``resume`` or discarded with ``force``). The reward and PPO stages train one model per STR variant
+(``reward/<variant>/``, ``ppo/<variant>/``).
 
 Under ``accelerate launch`` (``accelerate launch -m selfrank run CONFIG``) every process runs this
 function. The sft, reward and ppo stages are collective (sharded global batches, see ``train.distributed``);
@@ -23,24 +27,28 @@ import importlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
-from selfrank.atomic import remove_stale_temporaries, write_text
+from selfrank.atomic import remove_stale_temporaries, write_json, write_text
 from selfrank.errors import UserError
 
 from selfrank.train import dist
 from selfrank.train.config import STAGES, ExperimentConfig
-from selfrank.train.rundir import RunDir
+from selfrank.train.progress import set_stage
+from selfrank.train.rundir import RunDir, unfinished_work
 from selfrank.train.seeding import seed_everything
 from selfrank.train.dist.stage_setup import stage_cost
-from selfrank.train.signals import stop_if_requested
+from selfrank.train.signals import set_stops_at_steps, stop_if_requested
 from selfrank.train.stages.context import Barrier, Hooks, StageContext
 
 log = logging.getLogger(__name__)
 
+# Stages whose loops stop at step boundaries with a checkpoint when asked (train.signals).
+STEPPED_STAGES = ("sft", "sample", "reward", "ppo")
 # Stages that load whole (not ZeRO-partitioned) models on every process: they only generate.
 INFERENCE_STAGES = ("sample", "eval")
 # The module of each stage; each exposes run(config, run, resume, ctx) -> summary (None off the main process).
@@ -71,20 +79,56 @@ STAGE_SETTINGS = {
 }
 
 
-def settings_digest(config: ExperimentConfig, stage: str) -> str:
-    """A hash of the settings ``stage`` depends on: a completed stage whose digest no longer matches
-    is redone instead of being silently reused."""
-    import hashlib
-
+def stage_settings(config: ExperimentConfig, stage: str) -> dict:
+    """The settings ``stage`` depends on, as plain data (its own section and those of the stages it reads)."""
     from selfrank.train.stages.sample import ranking_config_for
 
     relevant = {name: getattr(config, name) for name in STAGE_SETTINGS[stage]}
     if "ranking" in relevant:
         # What the sample stage ran with: a noise variant switches noise records on.
         relevant["ranking"] = ranking_config_for(config)
-    text = json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in relevant.items()},
-                      sort_keys=True, default=str)
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in relevant.items()}
+
+
+def settings_digest(config: ExperimentConfig, stage: str) -> str:
+    """A hash of the settings ``stage`` depends on: a completed stage whose digest no longer matches
+    is not reused silently (see :func:`plan_stages`)."""
+    import hashlib
+
+    text = json.dumps(stage_settings(config, stage), sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def settings_changes(old: dict | None, new: dict, limit: int = 4) -> str:
+    """``"ppo.steps: 150 -> 50, ..."``: what differs between two :func:`stage_settings` (at most
+    ``limit`` items named), or a plain phrase when the old settings were not recorded."""
+    if not old:
+        return "settings changed"
+
+    def flat(node, where: str, out: dict) -> dict:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                flat(value, f"{where}.{key}" if where else str(key), out)
+        else:
+            out[where] = node
+        return out
+
+    before, after = flat(json.loads(json.dumps(old, default=str)), "", {}), \
+        flat(json.loads(json.dumps(new, default=str)), "", {})
+    missing = object()
+    changed = [f"{key}: {_short(before.get(key, missing))} -> {_short(after.get(key, missing))}"
+               for key in sorted(set(before) | set(after)) if before.get(key, missing) != after.get(key, missing)]
+    if not changed:
+        return "settings changed"
+    more = f", and {len(changed) - limit} more" if len(changed) > limit else ""
+    return ", ".join(changed[:limit]) + more
+
+
+def _short(value) -> str:
+    if not isinstance(value, (str, int, float, bool, type(None), list)):
+        return "(unset)"
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_order(config: ExperimentConfig, stages: list[str]) -> None:
@@ -112,26 +156,132 @@ def _write_config(run: RunDir, config: ExperimentConfig) -> None:
     write_text(run.root / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
-def _prepare_folder(run: RunDir, stage: str, redo: bool) -> None:
-    """Empty a stage's folder to redo it, or clear what a killed run's writes left in it. Main process
-    only, while the others wait at the barrier: no write can be in progress there (a stage writes
-    only its own folder, and its checkpoints are loaded after this)."""
-    if redo:
-        run.reset(stage)
-    else:
-        remove_stale_temporaries(run.root / stage)
+STARTED = "STARTED.json"  # in a stage folder from its start: the settings it is being made with
+
+# What a stage plan can do; see ``plan_stages``.
+ACTIONS = ("skip", "run", "resume", "restart", "replace")
+
+
+@dataclass
+class StagePlan:
+    """What the pipeline will do with one stage, decided (and said) before any stage runs.
+
+    ``action``: "skip" (complete and current), "run" (nothing to lose), "resume" (continue its
+    checkpoints), "restart" (start over, discarding an unfinished attempt: needs ``force``), "replace"
+    (redo a finished stage beside it in ``<stage>.new/`` and swap it in when complete: needs
+    ``force``). ``resume``: what the stage is told; ``wipe``: empty the unfinished folder first (its
+    partial outputs were made with other settings); ``reason``: for the log."""
+    stage: str
+    action: str
+    reason: str
+    resume: bool = False
+    wipe: bool = False
+
+    @property
+    def aside(self) -> bool:
+        return self.action == "replace"
+
+    def describe(self) -> str:
+        return f"{self.stage}: {self.action} ({self.reason})"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def plan_stages(config: ExperimentConfig, stages: list[str] | None = None, *, resume: bool = False,
+                force: bool = False, redo: bool = False, prerequisites: bool = True) -> list[StagePlan]:
+    """Decide, for each of ``stages``, what a run does with what the run folder already holds.
+
+    Nothing finished is destroyed without consent: a finished stage whose settings changed is replaced
+    only with ``force``; an unfinished stage holding checkpoints (or, for sample, ranked groups, or for
+    SFT, trained methods) is continued with ``resume`` or started over with ``force``. ``redo``
+    replaces finished stages even when current (``selfrank <stage> --force``). Without consent this
+    raises one ``UserError`` naming every stage concerned and both ways forward, before anything is
+    written. ``prerequisites``: also refuse a stage whose inputs neither exist nor are scheduled (off
+    for a job submitted now that runs after another). Reads only; every process may call it."""
+    stages = list(stages or STAGES)
+    if prerequisites:
+        check_order(config, stages)
+    run = RunDir(Path(config.output_dir) / config.name)
+    plans: list[StagePlan] = []
+    changed: list[str] = []
+    unfinished: list[str] = []
+    for stage in stages:
+        digest = settings_digest(config, stage)
+        settings = stage_settings(config, stage)
+        finished = run.finished_folder(stage)
+        aside = run.aside_folder(stage)
+        if run.is_done(stage):
+            summary = run.summary(stage)
+            kept = summary.get("settings_digest")
+            current = kept is None or kept == digest  # (runs from before digests were kept count as current)
+            if current and not redo:
+                note = f"; {aside.name}/ holds an unfinished replacement, left as it is" if aside.exists() else ""
+                plans.append(StagePlan(stage, "skip", f"complete in {finished}{note}"))
+                continue
+            what = "redo requested" if current else settings_changes(summary.get("settings"), settings)
+            if not (force or redo):
+                changed.append(f"{stage} ({what})")
+                continue
+            started = _read_json(aside / STARTED) or {}
+            keep = resume and started.get("settings_digest") == digest
+            where = f"continuing the replacement in {aside}" if keep else f"written to {aside} first"
+            plans.append(StagePlan(stage, "replace", f"{what}; {where}; the finished version stays until the "
+                                                     "replacement is complete", resume=keep))
+            continue
+        work = unfinished_work(finished)
+        started = _read_json(finished / STARTED)
+        other_settings = started is not None and started.get("settings_digest") != digest
+        if work and other_settings:
+            what = settings_changes(started.get("settings"), settings)
+            if not force:
+                unfinished.append(f"{stage} ({'; '.join(work)}; made with other settings: {what})")
+                continue
+            plans.append(StagePlan(stage, "restart", f"the unfinished attempt was made with other settings "
+                                                     f"({what}); starting over", wipe=True))
+        elif work and resume:
+            plans.append(StagePlan(stage, "resume", "continuing " + "; ".join(work), resume=True))
+        elif work and not force:
+            unfinished.append(f"{stage} ({'; '.join(work)})")
+        elif work:
+            plans.append(StagePlan(stage, "restart", "starting over (--force); discarding " + "; ".join(work)))
+        else:
+            plans.append(StagePlan(stage, "run", "not run yet" if not finished.exists() else "not complete",
+                                   resume=resume, wipe=other_settings))
+    problems = []
+    if changed:
+        problems.append(f"{run.root} holds finished stages made with other settings: {', '.join(changed)}. "
+                        "Nothing was changed. To keep them, give this run its own folder with --set name=NEW_NAME; "
+                        "to replace them, add --force (each finished stage stays until its replacement is complete)")
+    if unfinished:
+        problems.append(f"{run.root} holds unfinished work: {', '.join(unfinished)}. Nothing was changed. "
+                        "Continue it with --resume, or discard it and start over with --force")
+    if problems:
+        raise UserError(" | ".join(problems))
+    return plans
 
 
 def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, resume: bool = False,
-                 force: bool = False, log: Callable[[dict, int, str], None] | None = None,
+                 force: bool = False, redo: bool = False, log: Callable[[dict, int, str], None] | None = None,
                  log_table: Callable[[str, list[dict], str], None] | None = None,
                  log_files: Callable[[list[Path]], None] | None = None) -> dict:
     """Run ``stages`` (default: all) in order; returns each stage's summary. Collective under a launcher.
 
-    ``log``/``log_table``/``log_files``: optional tracking callbacks (see ``train.stages.context.Hooks``)."""
+    What happens to each stage is decided first (:func:`plan_stages`: ``resume``, ``force``, ``redo``)
+    and logged before any stage runs. ``log``/``log_table``/``log_files``: optional tracking callbacks
+    (see ``train.stages.context.Hooks``)."""
     logger = logging.getLogger(__name__)  # ``log`` is the tracking callback here
     stages = list(stages or STAGES)
-    check_order(config, stages)
+    RunDir.for_config(config).recover(STAGES)  # a kill mid-swap: finish it before reading anything
+    plans = plan_stages(config, stages, resume=resume, force=force, redo=redo)
+    if dist.is_main():
+        for plan in plans:
+            logger.info("plan: %s", plan.describe())
     if config.torch_threads:
         # Intra-op threads for this process. On a small machine shared with the ranking workers, one
         # thread avoids oversubscription (measured: 2 threads ran a tiny model's step 4-20x slower
@@ -147,37 +297,54 @@ def run_pipeline(config: ExperimentConfig, stages: list[str] | None = None, *, r
     run = RunDir.for_config(config)
     barrier.on_main(lambda: _write_config(run, config))
     summaries = {}
-    for stage in stages:
+    for plan in plans:
+        stage = plan.stage
+        if plan.action == "skip":
+            logger.info("%s: complete, skipped (use --force to redo)", stage)
+            summaries[stage] = run.summary(stage)
+            continue
         digest = settings_digest(config, stage)
-        redo = force
-        if run.is_done(stage) and not force:
-            kept = run.summary(stage).get("settings_digest")
-            if kept is None or kept == digest:  # (runs from before digests were kept count as current)
-                logger.info("%s: complete, skipped (use --force to redo)", stage)
-                summaries[stage] = run.summary(stage)
-                continue
-            logger.warning("%s: its settings changed since it completed; redoing it", stage)
-            redo = True
-        barrier.on_main(lambda: _prepare_folder(run, stage, redo))
-        stop_if_requested(stage, 0, None, run.root)  # a stop that arrived in a stage without step checks
-        logger.info("%s: starting", stage)
+        if plan.aside:
+            run.aside.add(stage)  # on every process: the stage's names resolve to <stage>.new
+            barrier.on_main(lambda: run.set_aside(stage, keep=plan.resume))
+        elif plan.wipe:
+            barrier.on_main(lambda: run.reset(stage))
+        else:
+            # What a killed run's writes left (main process only, while the others wait at the barrier:
+            # no write can be in progress there; the stage's checkpoints are loaded after this).
+            barrier.on_main(lambda: remove_stale_temporaries(run.path(stage)))
+        barrier.on_main(lambda: write_json(run.stage(stage) / STARTED,
+                                           {"settings_digest": digest, "settings": stage_settings(config, stage)}))
+        stop_if_requested(stage, 0, None, run.path(stage))  # a stop that arrived in a stage without step checks
+        logger.info("%s: starting%s", stage, f" in {run.path(stage)}" if plan.aside else "")
+        set_stage(stage)
+        set_stops_at_steps(stage in STEPPED_STAGES)
         seed_everything(config.seed)
         started = time.perf_counter()
         if stage in INFERENCE_STAGES and barrier.world > 1:
-            summary = _whole(lambda: _stage_run(stage)(config, run, resume, ctx))
+            summary = _whole(lambda: _stage_run(stage)(config, run, plan.resume, ctx))
         else:
-            summary = _stage_run(stage)(config, run, resume, ctx)
+            summary = _stage_run(stage)(config, run, plan.resume, ctx)
         if summary is not None:  # None on the processes other than the main one
             summary["stage_seconds"] = time.perf_counter() - started
             summary.update(stage_cost(summary["stage_seconds"], barrier.world))
             summary["working_processes"] = barrier.world
             summary["settings_digest"] = digest
+            summary["settings"] = stage_settings(config, stage)
             if dist.is_main():
                 run.mark_done(stage, summary)
         barrier.wait()
-        summaries[stage] = summary if summary is not None else run.summary(stage)
+        if plan.aside:
+            barrier.on_main(lambda: run.swap_in(stage))
+            run.aside.discard(stage)
+            logger.info("%s: replaced the finished version with the new one", stage)
+        set_stage(None)
+        set_stops_at_steps(False)
+        summaries[stage] = run.summary(stage)
         logger.info("%s: done in %.1fs", stage, summaries[stage].get("stage_seconds", 0.0))
-    report = run.root / "eval" / "report.md"
-    if "eval" in stages and report.is_file() and dist.is_main():
-        print(report.read_text(encoding="utf-8"))
     return summaries
+
+
+def report_path(config: ExperimentConfig) -> Path:
+    """Where the eval stage writes its Markdown report."""
+    return Path(config.output_dir) / config.name / "eval" / "report.md"

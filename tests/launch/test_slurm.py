@@ -234,3 +234,66 @@ def test_accelerate_and_deepspeed_configs_load():
         assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == "auto"
     offload = json.loads((REPO / "configs" / "deepspeed" / "zero3_offload.json").read_text())
     assert offload["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+CLUSTER_OPTIONS = dict(account="proj-42", qos="high", exclusive=True, mem="200G", constraint="a100&ib",
+                       sbatch_lines=["--reservation=big", "--mail-type=END"], setup_lines=["module load cuda/12.4"],
+                       wrap="apptainer exec --nv /images/selfrank.sif", overrides=["ppo.steps=5", "name=demo-b"],
+                       force=True)
+
+
+def test_cluster_options_become_sbatch_lines_setup_and_job_arguments(tmp_path):
+    script = _render(tmp_path, **CLUSTER_OPTIONS)
+    _bash_syntax_ok(script, tmp_path)
+    opts = _sbatch_options(script)
+    assert opts["--account"] == "proj-42" and opts["--qos"] == "high" and opts["--mem"] == "200G"
+    assert "--exclusive" in opts and opts["--constraint"] == '"a100&ib"'  # sbatch strips the double quotes
+    assert opts["--reservation"] == "big" and opts["--mail-type"] == "END"
+    lines = script.splitlines()
+    assert lines.index("module load cuda/12.4") < next(i for i, l in enumerate(lines) if l.startswith("srun "))
+    argv = _per_node_argv(script)
+    assert argv[5:10] == ["apptainer", "exec", "--nv", "/images/selfrank.sif", "$PYTHON"]
+    assert argv[-8:] == ["$STAGE", "$CONFIG", "--resume", "--force", "--set", "ppo.steps=5", "--set", "name=demo-b"]
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"account": "a b"}, "--account"),
+    ({"qos": "x;y"}, "--qos"),
+    ({"mem": "lots"}, "--mem"),
+    ({"constraint": "a100 ib"}, "--constraint"),
+    ({"constraint": 'a"b'}, "--constraint"),
+    ({"sbatch_lines": ["--job-name=other"]}, "--sbatch: --job-name is written by"),
+    ({"sbatch_lines": ["--signal=B:USR1@1"]}, "--sbatch: --signal is written by"),
+    ({"sbatch_lines": ["--comment=a b"]}, "--sbatch"),
+    ({"sbatch_lines": ["reservation=big"]}, "--sbatch"),
+    ({"setup_lines": ["module load a\nrm -rf /"]}, "--setup"),
+    ({"wrap": "  "}, "--wrap"),
+    ({"overrides": ["ppo.steps"]}, "--set"),
+    ({"overrides": ["a=b\nc"]}, "--set"),
+])
+def test_cluster_option_values_are_validated(tmp_path, overrides, field):
+    with pytest.raises(UserError, match=field.replace("-", r"\-")):
+        _render(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("evil", EVIL)
+def test_job_arguments_reach_the_trainer_verbatim(tmp_path, evil):
+    """Run the per-node command for real with a stand-in Python that records its arguments: what bash
+    passes on is exactly what was given, nothing is executed."""
+    work = tmp_path / "work"
+    work.mkdir()
+    # --wrap is split into words as a shell would (so a word quoted there stays one word)
+    script = _render(work, cpu=True, overrides=[f"name={evil}"], wrap=f"env {shlex.quote('SELFRANK_NOTE=' + evil)}")
+    (srun,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    per_node = shlex.split(srun)[-2]
+    recorder = tmp_path / "python"
+    recorder.write_text(f"#!/bin/bash\nprintf '%s\\0' \"$@\" > {shlex.quote(str(tmp_path / 'argv'))}\n")
+    recorder.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(recorder), "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+           "NUM_PROCESSES": "1", "MAIN_HOST": "localhost", "MAIN_PORT": "29500", "STAGE": "run", "CONFIG": "c.yaml"}
+    done = subprocess.run(["bash", "-c", per_node], env=env, cwd=work, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    argv = (tmp_path / "argv").read_text().split("\0")[:-1]
+    assert argv[:3] == ["-m", "selfrank.launch.slurm", "supervise"]
+    assert argv[3:5] == ["env", f"SELFRANK_NOTE={evil}"] and argv[-2:] == ["--set", f"name={evil}"]
+    assert not list(tmp_path.rglob("pwned")) and not Path("pwned").exists()

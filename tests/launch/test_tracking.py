@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from selfrank.launch.tracking import ID_FILE, SAMPLE_COLUMNS, Tracker, resolve_mode, sample_rows
+from selfrank.launch.tracking import (ID_FILE, SAMPLE_COLUMNS, TRL_NAMES, Tracker, has_credentials, pipeline_callbacks,
+                                      resolve_mode, sample_rows, trl_metrics)
 from selfrank.train.config import ExperimentConfig, TrackingConfig
 
 SECRET = "fakeKey-0123456789abcdef0123456789abcdef"
@@ -96,10 +97,23 @@ def test_sample_rows_roles_ranks_and_rewards():
     assert len(sample_rows([GROUP, GROUP], max_rows=4)) == 4
 
 
-def test_mode_falls_back_to_offline_without_a_key():
+def test_mode_falls_back_to_offline_without_credentials(monkeypatch, tmp_path):
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     assert resolve_mode("online", {}) == "offline"
     assert resolve_mode("online", {"WANDB_API_KEY": "x" * 40}) == "online"
     assert resolve_mode("disabled", {"WANDB_API_KEY": "x" * 40}) == "disabled"
+    assert TrackingConfig().wandb == "disabled"  # the documented default
+
+
+def test_a_wandb_login_counts_as_credentials(monkeypatch, tmp_path):
+    """`wandb login` writes the key to netrc, not to the environment: online mode must see it."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {'k' * 40}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert has_credentials({}) and resolve_mode("online", {}) == "online"
+    # Another W&B host (a private server) needs its own entry.
+    assert not has_credentials({"WANDB_BASE_URL": "https://wandb.example.org"})
 
 
 def test_disabled_and_non_main_trackers_write_nothing(env):
@@ -177,3 +191,49 @@ def test_offline_run_reads_back_resumes_and_leaks_no_secret(env, caplog):
     assert leaked == []
     assert caplog.records and all(SECRET not in r.getMessage() for r in caplog.records)
     assert "using key ***" in caplog.text
+
+
+TRL_KEYS = ("objective/kl", "objective/entropy", "objective/rlhf_reward", "objective/scores", "policy/approxkl_avg",
+            "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio", "lr",
+            "episode", "eps")
+
+
+def test_trl_names_cover_every_key_trl_logs():
+    from selfrank.train.config import PPOConfig
+
+    row = {f"str/{ours}": 1.0 for ours in TRL_NAMES} | {"str/time/step_s": 2.0, "str/reward/mean": 0.5}
+    named = trl_metrics(row, PPOConfig(batch_size=4, samples_per_prompt=2, lr=1e-5), ["str"])
+    assert {f"str/{key}" for key in TRL_KEYS} <= set(named)
+    assert named["str/eps"] == 4.0 and named["str/lr"] == 1e-5 and named["str/reward/mean"] == 0.5
+
+
+def test_a_tiny_offline_run_logs_ppo_under_trl_names_and_answers_with_rewards(env, tmp_path):
+    """The whole pipeline up to PPO with W&B offline; the run's history, read back, holds every TRL key
+    per PPO step, and the reward stage's sampled-answers table has its reward column filled."""
+    from selfrank.train.pipeline import run_pipeline
+    from tests.train.helpers import tiny_config
+
+    config = tiny_config(tmp_path, name="trl")
+    config.variants = ["str"]
+    config.tracking = TrackingConfig(wandb="offline", project="selfrank-test")
+    run_dir = tmp_path / "trl"
+    with Tracker.open(config, run_dir, resume=False) as tracker:
+        run_pipeline(config, ["sft", "sample", "reward", "ppo"], **pipeline_callbacks(tracker, config))
+    (wandb_file,) = offline_runs(run_dir)
+    rows = history(list(read_records(wandb_file)))
+    ppo_rows = [row for row in rows if "ppo/step" in row]
+    assert [row["ppo/step"] for row in ppo_rows] == list(range(1, config.ppo.steps + 1))
+    for row in ppo_rows:
+        missing = [key for key in TRL_KEYS if f"ppo/str/{key}" not in row]
+        assert missing == [], missing
+        assert row["ppo/str/lr"] == config.ppo.lr and row["ppo/str/episode"] % 4 == 0
+        assert row["ppo/str/objective/kl_k3"] >= 0.0  # the k3 estimator is never negative
+    files = wandb_file.parent / "files"
+    sample_ref = next(r for r in rows if "sample/answers/path" in r)
+    sample_table = json.loads((files / sample_ref["sample/answers/path"]).read_text())
+    assert "reward" not in sample_table["columns"]  # no reward model yet: no empty column
+    reward_ref = next(r for r in rows if "reward/str/answers/path" in r)
+    table = json.loads((files / reward_ref["reward/str/answers/path"]).read_text())
+    assert table["columns"] == SAMPLE_COLUMNS
+    rewards = [row[SAMPLE_COLUMNS.index("reward")] for row in table["data"]]
+    assert rewards and all(isinstance(r, float) for r in rewards) and len(set(rewards)) > 1

@@ -111,3 +111,20 @@ def test_real_subprocess(repo_root, good_input, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("selfrank: error: ") and f"{bad}:2:" in lines[0]
     assert "Traceback" not in done.stderr and not out_bad.exists()
+
+
+def test_fields_selfrank_does_not_know_are_kept_in_place(tmp_path):
+    rows = [{"gold": "north", "id": "a", "prompt": "Where?", "meta": {"source": "survey", "n": [1, 2]},
+             "responses": ["North.", "It is north.", "Pizza."], "note": None, "scores": "the user's own"},
+            {"prompt": "Plans?", "gold": ["cinema"], "responses": ["Cinema.", "The cinema."]}]
+    source = tmp_path / "in.jsonl"
+    write_lines(source, [json.dumps(r) for r in rows])
+    out = tmp_path / "out.jsonl"
+    assert main(["rank", "--input", str(source), "--output", str(out), "--embedder", "lexical"]) == 0
+    first, second = read_rows(out)
+    added = ["order", "clusters", "representatives", "pairs", "noise"]
+    assert list(first) == ["gold", "id", "prompt", "meta", "responses", "note", "scores", *added]
+    assert first["gold"] == "north" and first["meta"] == {"source": "survey", "n": [1, 2]} and first["note"] is None
+    assert isinstance(first["scores"], list) and len(first["scores"]) == 3  # a field of ours is rewritten
+    assert list(second) == ["id", "prompt", "gold", "responses", "scores", *added]  # a new id goes first
+    assert second["id"] == "2" and second["gold"] == ["cinema"]

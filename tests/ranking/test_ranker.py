@@ -85,10 +85,10 @@ def test_clean_up_happens_before_embedding():
 
 
 @pytest.mark.parametrize("group, message", [
-    ({"id": "x", "prompt": "p", "responses": ["ok", 3]}, r"responses\[1\] is int"),
-    ({"id": "x", "prompt": "p", "responses": "not a list"}, "responses is str"),
-    ({"id": "x", "prompt": "p", "responses": []}, "no responses"),
-    ({"id": "x", "responses": ["a"]}, "missing key 'prompt'"),
+    ({"id": "x", "prompt": "p", "responses": ["ok", 3]}, r"group 'x': 'responses\[1\]' must be a string, got int"),
+    ({"id": "x", "prompt": "p", "responses": "not a list"}, "'responses' must be a list of strings, got str"),
+    ({"id": "x", "prompt": "p", "responses": []}, "'responses' is empty"),
+    ({"id": "x", "responses": ["a"]}, "missing field 'prompt'"),
 ])
 def test_malformed_group_is_named(group, message):
     embedder = CountingLexical(64)

@@ -63,15 +63,31 @@ def test_meteor_uses_wordnet_synonyms():
 
 
 def test_meteor_fails_loudly_without_wordnet(tmp_path):
-    code = ("from selfrank.train.evaluation.metrics import meteor\n"
+    # No folder NLTK searches holds WordNet (not even the environment's own share/nltk_data).
+    code = ("import sys, nltk\n"
+            "nltk.data.path[:] = [sys.argv[1]]\n"
+            "from selfrank.train.evaluation.metrics import meteor\n"
             "print(meteor('a dog barked', ['the hound barked']))\n")
-    env = dict(os.environ, NLTK_DATA=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
     assert done.returncode != 0
     assert "UserError" in done.stderr and "METEOR needs WordNet" in done.stderr
-    assert "NLTK_DATA" in done.stderr
+    assert "python -m selfrank.launch.setup_wordnet" in done.stderr and "NLTK_DATA" in done.stderr
     assert done.stdout.strip() == ""  # no score at all, not a silent 0
+
+
+def test_meteor_finds_wordnet_inside_the_environment_with_no_variable_set(tmp_path):
+    """The set-up builds WordNet in <sys.prefix>/share/nltk_data, which NLTK always searches: a command
+    run from any directory, with no NLTK_DATA, scores METEOR with synonyms."""
+    code = ("from selfrank.train.evaluation.metrics import meteor, wordnet_home\n"
+            "import nltk, sys\n"
+            "print(meteor('a dog barked', ['the hound barked']), wordnet_home() in nltk.data.path)\n")
+    env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    score, searched = done.stdout.split()
+    assert searched == "True" and float(score) > metrics.meteor("a dog barked", ["the cat barked"])
 
 
 def test_corpus_bleu_matches_sacrebleu_readme_example():

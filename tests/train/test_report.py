@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from selfrank.train.evaluation.report import format_agreement, format_table, write_report
+from selfrank.train.evaluation.report import (MIN_BLEU_TOKENS, curve_summary, format_agreement, format_curves,
+                                              format_table, how_to_read, moving_average, write_report)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -86,7 +87,8 @@ def test_write_report_files(tmp_path):
     paths = write_report(tmp_path / "eval", results)
     data = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert data["rows"]["sft"]["metrics"]["em"]["mean"] == pytest.approx(0.52)
-    assert data["curve_summary"]["str_noise"]["reward/mean"] == {"first": -0.5, "last": 0.4, "min": -0.5, "max": 0.4}
+    assert data["curve_summary"]["str_noise"]["reward/mean"] == {"first": -0.5, "last": 0.4, "min": -0.5, "max": 0.4,
+                                                                "start": -0.5, "end": 0.4}
     assert data["curve_summary"]["str_noise"]["objective/kl"]["last"] == pytest.approx(0.2)
     md = (tmp_path / "eval" / "report.md").read_text()
     assert format_table(results) in md
@@ -107,3 +109,66 @@ def test_write_report_without_curves_or_agreement(tmp_path):
     assert set(paths) == {"json", "md", "metrics_png"}
     md = paths["md"].read_text()
     assert "Ranking agreement" not in md and "PPO reward" not in md
+
+
+def test_how_to_read_names_every_row_column_and_section():
+    results = _results()
+    text = how_to_read(results)
+    for title in ("original", "SFT", "LoRA", "STR + noise"):
+        assert f"- {title}: " in text
+    for column in ("BLEU-4", "GLEU", "METEOR", "EM", "F1"):
+        assert f"- {column}: " in text
+    for phrase in ("ISODATA representatives", "chance %", "no ref ties", "k1", "k3", "healthy run"):
+        assert phrase in text
+    md = write_report_text(results)
+    assert md.index("## How to read this report") < md.index("## Results") < md.index(format_table(results))
+
+
+def write_report_text(results) -> str:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        return write_report(Path(folder), results)["md"].read_text()
+
+
+def test_corpus_bleu_is_left_out_for_short_answers_and_kept_for_long_ones():
+    short = _results()
+    short["reference_tokens"] = {"median": 2.0}
+    table = format_table(short)
+    assert "corpus BLEU" not in table.splitlines()[0] and "left out" in table and "median of 2 tokens" in table
+    assert len(_row_line(table, "SFT")) == 6  # system + five metric columns, no BLEU cell
+    long = _results("dialogue")
+    long["reference_tokens"] = {"median": float(MIN_BLEU_TOKENS + 7)}
+    table = format_table(long)
+    assert "corpus BLEU" in table.splitlines()[0] and _row_line(table, "SFT")[-1] == "3.00"
+    assert "left out" not in table
+
+
+def test_ppo_summary_uses_tenth_means_and_names_both_kl_estimators():
+    steps = list(range(20))
+    reward = [0.1 * i for i in range(20)]
+    kl = [(-0.2 if i % 2 else 0.3) for i in range(20)]  # k1 alternates sign from batch to batch
+    k3 = [0.05] * 20
+    curves = {"str": {"step": steps, "reward/mean": reward, "objective/kl": kl, "objective/kl_k3": k3}}
+    summary = curve_summary(curves)["str"]
+    assert summary["reward/mean"]["start"] == pytest.approx((0.0 + 0.1) / 2)  # first tenth: 2 steps
+    assert summary["reward/mean"]["end"] == pytest.approx((1.8 + 1.9) / 2)
+    assert summary["objective/kl"]["min"] == -0.2 and summary["objective/kl_k3"]["min"] == 0.05
+    text = format_curves(curves)
+    assert "KL k1: start -> end" in text and "KL k3: start -> end" in text and "first / last tenth" in text
+
+
+def test_moving_average_is_a_trailing_mean():
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([2.0, 4.0], 1) == [2.0, 4.0]
+    assert moving_average([], 3) == []
+
+
+def test_kl_plot_with_the_k3_curve_differs_from_one_without(tmp_path):
+    results = _results()
+    results["curves"]["str_noise"]["objective/kl_k3"] = [0.0, 0.1, 0.3]
+    with_k3 = write_report(tmp_path / "a", results)["kl_png"].read_bytes()
+    results["curves"]["str_noise"].pop("objective/kl_k3")
+    without = write_report(tmp_path / "b", results)["kl_png"].read_bytes()
+    assert with_k3[:8] == PNG_SIGNATURE and with_k3 != without

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from selfrank.atomic import write_jsonl
 from selfrank.ranking.engine import stable_seed
@@ -27,8 +26,9 @@ from selfrank.jsonl import read_jsonl
 
 from selfrank.train.evaluation.agreement import AgreementGroup, agreement_study
 from selfrank.train.config import ExperimentConfig
-from selfrank.train.evaluation.metrics import EXACT_ANSWER_TASKS, QA_METRICS, TEXT_METRICS, bootstrap_ci, corpus_bleu, meteor, paired_bootstrap_diff, score_examples
+from selfrank.train.evaluation.metrics import EXACT_ANSWER_TASKS, QA_METRICS, TEXT_METRICS, bootstrap_ci, corpus_bleu, meteor, paired_bootstrap_diff, score_examples, tokenize
 from selfrank.train.evaluation.report import CURVE_KEYS, write_report
+from selfrank.train.progress import StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def generate_batches(config: ExperimentConfig, folder: Path, prompts: Sequence[s
     model.to(_device()).eval()
     model = dist.autocast_forward(model, dist.get_accelerator())  # model.mixed_precision, as in training
     done: list[tuple[int, list[str]]] = []
-    for index, start in tqdm(mine, desc=desc, unit="batch", disable=not dist.is_main()):
+    for index, start in StepProgress(desc, len(mine), iterable=mine, unit="batch"):
         chunk = list(prompts[start:start + per_call])
         generation = generate(model, tokenizer, chunk, n=n, seeds=answer_seeds(seed, start, len(chunk), n),
                               batch_size=config.eval.batch_size, method=config.eval.sampler, **decoding)
@@ -235,9 +235,12 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
         "decoding": {"do_sample": ev.do_sample, "temperature": ev.temperature, "top_p": ev.top_p,
                      "max_new_tokens": ev.max_new_tokens, "seed": ev.seed, "samples_per_prompt": n},
         "rows": {}, "paired_vs_sft": {}, "agreement": None, "curves": {},
+        # How long the gold answers are (metric tokens): the report leaves corpus BLEU out for short ones.
+        "reference_tokens": {"median": float(np.median([len(tokenize(r)) for refs in references for r in refs]
+                                                        or [0]))},
     }
     per_example: dict[str, dict[str, np.ndarray]] = {}
-    for name, folder in tqdm(rows, desc="eval rows", unit="row"):
+    for name, folder in StepProgress("eval rows", len(rows), iterable=rows, unit="row"):
         texts = answer_examples(config, folder, prompts, desc=f"eval {name}", group=group)
         if not dist.is_main():
             continue

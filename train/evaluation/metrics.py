@@ -75,6 +75,15 @@ def gleu(hypothesis: str, references: Sequence[str], lowercase: bool = True) -> 
     return float(sentence_gleu(refs, hyp, min_len=1, max_len=4))
 
 
+def wordnet_home() -> str:
+    """Where the set-up puts WordNet: ``<sys.prefix>/share/nltk_data``, a folder NLTK always searches, so
+    the environment's own Python finds it from any directory, in any job, with no variable set."""
+    import os
+    import sys
+
+    return os.path.join(sys.prefix, "share", "nltk_data")
+
+
 @functools.lru_cache(maxsize=1)
 def require_wordnet():
     """The English WordNet reader METEOR matches synonyms with, or ``UserError`` saying how to provide it.
@@ -103,7 +112,9 @@ def require_wordnet():
         raise UserError(
             "METEOR needs WordNet, which NLTK cannot load (searched: "
             + ", ".join(map(str, nltk.data.path))
-            + f"; {first}). Build it with `python -m selfrank.launch.setup_wordnet DEST` and set NLTK_DATA=DEST"
+            + f"; {first}). Build it where NLTK looks with `python -m selfrank.launch.setup_wordnet` (into "
+            + f"{wordnet_home()}), or build it elsewhere with `python -m selfrank.launch.setup_wordnet DEST` and "
+            "set NLTK_DATA=DEST"
         ) from None
     return reader
 

@@ -35,6 +35,11 @@ class Hooks:
     log_table: Callable[[str, list[dict], str], None] = _ignore
     log_files: Callable[[list[Path]], None] = _ignore
 
+    @property
+    def wants_tables(self) -> bool:
+        """Whether tables reach a tracker (building one may cost work, e.g. scoring answers)."""
+        return self.log_table is not _ignore
+
     def stage_log(self, stage: str, prefix: str = "") -> Callable[[dict, int], None]:
         """``log(metrics, step)`` for one stage (keys under ``prefix``), silent on non-main ranks."""
         if not dist.is_main():

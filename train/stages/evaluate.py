@@ -13,28 +13,28 @@ from selfrank.train.stages.context import StageContext
 
 def eval_rows(config: ExperimentConfig, run: RunDir) -> list[tuple[str, Path]]:
     """The report's rows: original, SFT, each baseline, each STR variant (those that exist)."""
-    sft = run.root / "sft"
+    sft = run.path("sft")
     rows = [("original", sft / "original"), ("sft", sft / "model")]
     rows += [(method, sft / "baselines" / method / "model") for method in config.sft.baselines]
-    rows += [(variant, run.root / "ppo" / variant / "actor") for variant in config.variants
+    rows += [(variant, run.path(f"ppo/{variant}") / "actor") for variant in config.variants
              if run.is_done(f"ppo/{variant}")]
     return [(name, folder) for name, folder in rows if folder.is_dir()]
 
 
 def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) -> dict | None:
     examples = load_prompted_task(config, run.require("sft") / "model").test
-    reward_folders = {v: run.root / "reward" / v / "model" for v in config.variants if run.is_done(f"reward/{v}")}
-    ppo_logs = {v: run.root / "ppo" / v / "log.jsonl" for v in config.variants if run.is_done(f"ppo/{v}")}
+    reward_folders = {v: run.path(f"reward/{v}") / "model" for v in config.variants if run.is_done(f"reward/{v}")}
+    ppo_logs = {v: run.path(f"ppo/{v}") / "log.jsonl" for v in config.variants if run.is_done(f"ppo/{v}")}
     results = evaluate_rows(config, eval_rows(config, run), examples, run.stage("eval"),
                             reward_folders=reward_folders, ppo_logs=ppo_logs, task_kind=config.task.kind,
                             group=ctx.barrier.group)
     if results is None:  # another process: the main one scores and reports
         return None
     ctx.hooks.log(eval_metrics(results), 0, "eval")
-    eval_dir = run.root / "eval"
+    eval_dir = run.path("eval")
     ctx.hooks.log_files(sorted(p for p in eval_dir.iterdir() if p.is_file() and p.name.startswith("report"))
                     + sorted(eval_dir.glob("*.png")))
-    return {"rows": list(results.get("rows", {})), "report": str(run.root / "eval" / "report.md")}
+    return {"rows": list(results.get("rows", {})), "report": str(eval_dir / "report.md")}
 
 
 def eval_metrics(results: dict) -> dict[str, float]:

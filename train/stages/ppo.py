@@ -40,13 +40,11 @@ import json
 import logging
 import math
 import queue
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from selfrank.atomic import write_jsonl
 from selfrank.errors import UserError
@@ -68,6 +66,7 @@ from selfrank.train.rl.ppo_math import (
 )
 from selfrank.train.rl.ppo_run import PPORun, finish_run, start_run
 from selfrank.train.rl.rollout import Rollout, collect_rollout, gather_rollout, response_forward, row_seeds
+from selfrank.train.progress import StepProgress
 from selfrank.train.rundir import RunDir
 from selfrank.train.signals import stop_if_requested
 from selfrank.train.stages.context import StageContext
@@ -140,6 +139,8 @@ def ppo_step(run: PPORun, step: int) -> dict:
         "step": step,
         "episodes": progress.episodes,
         "objective/kl": float(sequence_kl.mean()),
+        # The same KL with the k3 estimator: never negative per token, lower variance (see per_token_kl).
+        "objective/kl_k3": float((per_token_kl(ro.logp, ro.ref_logp, "k3") * ro.mask).sum(1).mean()),
         "objective/kl_coef": kl_coef,
         "objective/entropy": ro.mean_entropy,
         "reward/mean": float(ro.score.mean()),
@@ -185,7 +186,7 @@ def _finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-_STAT_KEYS = ("loss/policy", "loss/value", "policy/clipfrac", "value/clipfrac", "policy/approxkl")
+_STAT_KEYS = ("loss/policy", "loss/value", "policy/clipfrac", "value/clipfrac", "policy/approxkl", "policy/ratio")
 
 
 def _clip_norm(params, max_norm: float) -> torch.Tensor:
@@ -246,11 +247,13 @@ def ppo_update(model, optimizer, ro: Rollout, advantages: torch.Tensor, returns:
             optimizer.step()  # under DeepSpeed the engine stepped (and clipped) in ``backward``
 
             with torch.no_grad():
+                ratio = torch.exp(new_logp.detach() - ro.logp[idx])  # logged as TRL's val/ratio
                 sums.append(torch.stack([pg_sum.detach(), vf_sum.detach(), (pg_clipped * mask_f).sum(),
-                                         (vf_clipped * mask_f).sum(), (half_sq * mask_f).sum(), count]).double())
+                                         (vf_clipped * mask_f).sum(), (half_sq * mask_f).sum(),
+                                         (ratio * mask_f).sum(), count]).double())
     optimizer.zero_grad(set_to_none=True)
     totals = dist.reduce_sum(torch.stack(sums), acc)
-    means = totals[:, :5] / totals[:, 5:].clamp_min(1.0)  # each minibatch's global token means
+    means = totals[:, :-1] / totals[:, -1:].clamp_min(1.0)  # each minibatch's global token means
     return {key: float(value) for key, value in zip(_STAT_KEYS, means.mean(0))}
 
 
@@ -298,8 +301,7 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
 
     started = time.perf_counter()
     last: dict = {}
-    bar = tqdm(range(progress.step, cfg.steps), desc="ppo", initial=progress.step, total=cfg.steps,
-               disable=not (main and sys.stderr.isatty()))
+    bar = StepProgress(f"ppo {out_folder.name}", cfg.steps, initial=progress.step, enabled=main)
     log_file = open(log_path, "a", encoding="utf-8") if main else None
 
     def write_log(row: dict) -> None:

@@ -26,14 +26,12 @@ import contextlib
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from selfrank.errors import UserError
 from selfrank.ranking.engine import stable_seed
@@ -62,8 +60,10 @@ from selfrank.train.models.reward_model import RewardModel, encode_pairs, listwi
 from selfrank.train.rl.reward_losses import listwise_loss_sum, pairwise_accuracy, pairwise_loss_sum
 from selfrank.train.rundir import RunDir
 from selfrank.train.scale import apply_model_switches
+from selfrank.train.progress import StepProgress
 from selfrank.train.signals import stop_if_requested
 from selfrank.train.stages.context import StageContext
+from selfrank.train.stages.scored_answers import scored_groups
 from selfrank.train.stages.variants import per_variant
 from selfrank.train.dist.stage_setup import begin_training, end_training, stage_cost, uneven_shard
 
@@ -253,9 +253,7 @@ def train_reward(config: ExperimentConfig, sft_folder: Path, pairs_path: Path, r
 
     items = [encode_pairs(tokenizer, [prompt] * len(texts), texts, cfg.max_length) for prompt, texts in items_text]
     forward = pairwise_rewards if loss == "pairwise" else listwise_scores
-    show = sys.stderr.isatty() and acc.is_main_process
-    progress = tqdm(range(resumed_from, total_steps), desc=f"reward ({loss})", disable=not show,
-                    initial=resumed_from, total=total_steps)
+    progress = StepProgress(f"reward ({loss})", total_steps, initial=resumed_from, enabled=acc.is_main_process)
     for step in progress:
         stop_if_requested(f"reward ({loss})", step, lambda: save_progress(step), checkpoint_folder)
         batch, real = uneven_shard([items[i] for i in _batch_indices(step, len(items), cfg.batch_size, config.seed)],
@@ -341,11 +339,15 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) 
 
     def train_one(variant: str, stage: str) -> dict:
         settings = VARIANTS[variant]
-        return train_reward(
+        summary = train_reward(
             config, sft_model, sample / "pairs.jsonl", sample / "ranked.jsonl", run.stage(stage) / "model",
             loss=settings.loss, use_noise=settings.use_noise, resume=resume,
             normalize_prompts=prompts, normalize_responses=responses,
             log_step=ctx.hooks.stage_log("reward", f"{variant}/"),
         )
+        if dist.is_main() and ctx.hooks.wants_tables:  # the sampled answers with this RM's reward filled in
+            ctx.hooks.log_table(f"{variant}/answers", scored_groups(config, run.path(stage) / "model",
+                                                                     sample / "ranked.jsonl"), "reward")
+        return summary
 
     return per_variant(config, run, "reward", train_one)

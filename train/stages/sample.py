@@ -21,8 +21,6 @@ import logging
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from selfrank.atomic import write_jsonl
 from selfrank.jsonl import read_appended_rows
 from selfrank.ranking.config import RankingConfig
@@ -30,6 +28,7 @@ from selfrank.ranking.engine import stable_seed
 
 from selfrank.train.config import ExperimentConfig
 from selfrank.train.rundir import RunDir
+from selfrank.train.progress import StepProgress
 from selfrank.train.signals import stop_if_requested
 from selfrank.train.stages.context import StageContext
 
@@ -144,7 +143,7 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext |
             pool = stack.enter_context(ranking_pool(ranking, config.sample.workers,
                                                     group=barrier.group, wait=wait))
         ranker = None if pool else Ranker(ranking)
-        for index, batch in tqdm(batches, desc="sample+rank", unit="batch", disable=not dist.is_main()):
+        for index, batch in StepProgress("sample+rank", len(batches), iterable=batches, unit="batch"):
             stop_if_requested("sample", index, None, progress_path)  # the progress files are the checkpoint
             todo = [ex for ex in batch if ex.id not in done]
             if not todo:

@@ -24,13 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from selfrank.atomic import write_json
@@ -46,13 +44,14 @@ from selfrank.train.checkpoint import (
     save_checkpoint,
 )
 from selfrank.train.models import peft_methods
-from selfrank.train.config import ExperimentConfig, PromptFormat
+from selfrank.train.config import ExperimentConfig, PromptFormat, SFTConfig
 from selfrank.train.data.examples import TaskData
 from selfrank.train.data.prompts import format_task, prompt_markers, tokenizer_texts
 from selfrank.train.data.tasks import load_task
 from selfrank.train.models.causal_lm import encode_prompt_response, init_policy, load_model, save_model
 from selfrank.train.rundir import RunDir
 from selfrank.train.scale import apply_model_switches
+from selfrank.train.progress import StepProgress
 from selfrank.train.signals import stop_if_requested
 from selfrank.train.stages.context import StageContext
 from selfrank.train.dist.stage_setup import begin_training, end_training, micro_batches, stage_cost
@@ -121,6 +120,18 @@ def total_steps(n_examples: int, config: ExperimentConfig, baseline: bool = Fals
     if config.sft.max_steps is not None:
         return config.sft.max_steps
     return max(1, math.ceil(config.sft.epochs * n_examples / config.sft.batch_size))
+
+
+def check_batch_layout(sft: SFTConfig, world: int) -> None:
+    """The global batch splits evenly across ``world`` processes (``shard_batch``), and each process's
+    share fills ``grad_accum`` micro-batches (``micro_batches``); checked before any stage runs."""
+    if sft.batch_size % world:
+        raise UserError(f"sft.batch_size: {sft.batch_size} examples cannot be split evenly across {world} "
+                        f"processes; use a multiple of {world}")
+    if sft.batch_size // world < sft.grad_accum:
+        raise UserError(f"sft.grad_accum: {sft.batch_size // world} examples per process cannot fill "
+                        f"{sft.grad_accum} accumulation steps on {world} processes; lower sft.grad_accum or "
+                        "raise sft.batch_size")
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -200,8 +211,7 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
     device = acc.device
     losses: list[float] = []
     model_p.train()
-    bar = tqdm(total=steps, initial=start, desc=f"sft {method}", unit="step",
-               disable=not (acc.is_main_process and sys.stderr.isatty()))
+    bar = StepProgress(f"sft {method}", steps, initial=start, enabled=acc.is_main_process)
     for step in range(start, steps):
         if stop_after is not None and step >= stop_after:
             bar.close()
@@ -231,8 +241,8 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
         losses.append(loss)
         if log_step is not None:
             log_step({"loss": loss, "lr": lr}, step + 1)
-        bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.update(1)
         done = step + 1
         if done % sft.save_every == 0 and done < steps:
             _save_progress(checkpoint, model_p, optimizer, scheduler, done, meta, acc)
