@@ -6,7 +6,7 @@ costs seconds and leaves the run folder exactly as it was. Every ``selfrank`` en
 nodes x GPUs per node, ``selfrank experiment`` for every run of the grid):
 
 * batch layouts against the world size (each check lives beside the maths it protects:
-  ``train.stages.sft.check_batch_layout``, ``train.stages.ppo._check_layout``);
+  ``train.stages.sft.check_batch_layout``, ``train.stages.ppo.check_layout``);
 * group sizes against the ranking pairs' interval (the online variant ranks PPO's own groups);
 * what the run folder already holds (``train.pipeline.plan_stages``: nothing finished is replaced,
   and no checkpoint discarded, without consent);
@@ -26,13 +26,13 @@ log = logging.getLogger(__name__)
 
 def check_world(config: ExperimentConfig, world: int) -> None:
     """Every check that depends only on the config and the number of processes."""
-    from selfrank.train.stages.ppo import _check_layout
+    from selfrank.train.stages.ppo import check_layout
     from selfrank.train.stages.sft import check_batch_layout
 
     if world < 1:
         raise UserError(f"world size: must be >= 1, got {world}")
     check_batch_layout(config.sft, world)
-    _check_layout(config.ppo, world)
+    check_layout(config.ppo, world)
     check_group_sizes(config)
 
 

@@ -113,7 +113,7 @@ def test_backpressure_poll_results_and_failed_groups(tmp_path):
         pool.submit("late", "p", ["lambda cannot travel", lambda: None])
         (late,) = pool.drain()
     assert set(seen) == {"held", "bad"} | {g["id"] for g in groups}
-    assert seen["bad"].ranked is None and "responses[1] is int" in seen["bad"].error
+    assert seen["bad"].ranked is None and "'responses[1]' must be a string, got int" in seen["bad"].error
     assert all(r.ok for key, r in seen.items() if key != "bad")
     assert late.ranked is None and "cannot send" in late.error
 
