@@ -207,8 +207,8 @@ def environment() -> dict:
 
 
 def _summary_lines(tasks: dict[str, dict], sweeps: dict[str, dict]) -> list[str]:
-    """One line per task: each STR variant against SFT on the task's main metric, and TextRank's top
-    pick against a random pick (from the sweep's default cell), from the CIs below."""
+    """One line per task: each STR variant and each control row against SFT on the task's main metric,
+    and TextRank's top pick against a random pick (from the sweep's default cell), from the CIs below."""
     from selfrank.train.evaluation.metrics import EXACT_ANSWER_TASKS
 
     lines = ["## Summary", ""]
@@ -219,6 +219,10 @@ def _summary_lines(tasks: dict[str, dict], sweeps: dict[str, dict]) -> list[str]
             if row.startswith("str") and metric in diffs:
                 verdicts.append(f"{row} {_diff_ci(diffs[metric])} ({_direction(diffs[metric])})")
         line = f"- **{task}** ({metric} x100 vs SFT): " + ("; ".join(verdicts) or "no STR rows")
+        controls = [f"{row[4:]} {_diff_ci(diffs[metric])}" for row, diffs in pooled["paired_vs_sft"].items()
+                    if row in ("sft_greedy", "sft_majority") and metric in diffs]
+        if controls:  # what SFT reaches by decoding alone, beside STR's gain
+            line += "; controls: SFT " + ", SFT ".join(controls)
         cells = (sweeps.get(task) or {}).get("cells") or []
         if cells:
             cell = max((c for c in cells if c["embedder"] == cells[0]["embedder"]), key=lambda c: c["k"])

@@ -368,6 +368,11 @@ class EvalConfig:
     agreement_groups: int = 100
     seed: int = 0
     sampler: str = "shared_prefix"  # see SAMPLERS
+    # Control rows from the SFT model (train/evaluation/controls.py): greedy decoding, and majority vote
+    # over this many answers sampled as the sample stage samples (None: sample.samples_per_prompt, the
+    # K of STR's groups), so that a gain of STR over SFT can be told from "sampling got greedier".
+    controls: bool = True
+    majority_samples: int | None = None
 
     def __post_init__(self):
         check_choice("eval.sampler", self.sampler, SAMPLERS)
@@ -384,6 +389,8 @@ class EvalConfig:
         check_range("eval.confidence", self.confidence, 0.5, 1.0, high_open=True)
         check_range("eval.agreement_group_size", self.agreement_group_size, 2, 8)
         check_range("eval.agreement_groups", self.agreement_groups, 0)
+        if self.majority_samples is not None:
+            check_range("eval.majority_samples", self.majority_samples, 2)
 
 
 @dataclass

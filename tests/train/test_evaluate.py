@@ -13,6 +13,7 @@ from selfrank.errors import UserError
 from selfrank.train.evaluation import metrics
 from selfrank.train.config import EvalConfig, TaskConfig
 from selfrank.train.data.examples import Example
+from selfrank.train.evaluation.controls import majority_answers, majority_pick
 from selfrank.train.evaluation.evaluate import evaluate_rows, example_references
 from selfrank.train.models.reward_model import RewardModel
 
@@ -65,7 +66,7 @@ def _generations(out, row):
 
 def test_rows_metrics_and_generations(run_folder):
     config, results, out = run_folder
-    assert list(results["rows"]) == ["original", "sft", "str"]
+    assert list(results["rows"]) == ["original", "sft", "str", "sft_greedy", "sft_majority"]
     assert results["n_examples"] == 6  # capped by eval.max_examples
     for name, row in results["rows"].items():
         gens = _generations(out, name)
@@ -88,7 +89,7 @@ def test_rows_metrics_and_generations(run_folder):
 def test_several_answers_per_prompt_score_their_mean(run_folder, tmp_path):
     config, first, _ = run_folder
     config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, samples_per_prompt=3,
-                                                                  agreement_groups=0))
+                                                                  agreement_groups=0, controls=False))
     rows = [("sft", Path(first["rows"]["sft"]["model"]))]
     results = evaluate_rows(config, rows, _examples(), tmp_path / "eval", task_kind="qa")
     gens = _generations(tmp_path / "eval", "sft")
@@ -104,10 +105,40 @@ def test_several_answers_per_prompt_score_their_mean(run_folder, tmp_path):
     assert "mean of its 3 sampled answers" in (tmp_path / "eval" / "report.md").read_text()
 
 
+def test_control_rows_are_the_sft_models_greedy_and_majority_answers(run_folder):
+    config, results, out = run_folder
+    from selfrank.train.models.causal_lm import load_model
+    from selfrank.train.sampling.generation import generate
+
+    model, tokenizer = load_model(Path(results["rows"]["sft"]["model"]), config.model)
+    prompts = [ex.prompt for ex in _examples()[:6]]
+    greedy = generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=config.eval.max_new_tokens).texts
+    assert [g["generation"] for g in _generations(out, "sft_greedy")] == greedy
+    k = config.sample.samples_per_prompt  # eval.majority_samples unset: STR's K
+    majority = _generations(out, "sft_majority")
+    assert all(len(g["candidates"]) == k for g in majority)
+    assert [g["generation"] for g in majority] == [g["candidates"][majority_pick(g["candidates"])] for g in majority]
+    assert len({tuple(g["candidates"]) for g in majority}) > 1  # sampled per prompt, not one group repeated
+    assert results["rows"]["sft_majority"]["decoding"].startswith(f"majority of {k} sampled")
+    report = (out / "report.md").read_text()
+    assert "SFT greedy (control)" in report and "SFT majority vote (control)" in report
+
+
+def test_majority_pick_counts_normalised_answers_then_lexical_consensus():
+    assert majority_pick(["London", "Paris", "paris."]) == 1  # two votes for "paris"; the earliest of them
+    assert majority_pick(["a dog ran", "the cat sat", "The Cat sat!", "cat ran"]) == 1
+    # all distinct: the answer sharing the most words with the others
+    assert majority_pick(["the cat sat", "a dog ran", "the cat ran"]) == 2
+    assert majority_pick(["x", "y"]) == 0  # nothing to prefer: the earliest
+    assert majority_answers(["a", "b", "b", "c", "c", "d"], 3) == ["b", "c"]
+    with pytest.raises(ValueError):
+        majority_answers(["a", "b", "c"], 2)
+
+
 def test_paired_differences_against_sft(run_folder):
     _, results, _ = run_folder
     paired = results["paired_vs_sft"]
-    assert set(paired) == {"original", "str"}
+    assert set(paired) == {"original", "str", "sft_greedy", "sft_majority"}
     for name in ("original", "str"):
         for m, d in paired[name].items():
             expected = results["rows"][name]["metrics"][m]["mean"] - results["rows"]["sft"]["metrics"][m]["mean"]

@@ -25,6 +25,7 @@ from selfrank.errors import UserError
 from selfrank.jsonl import read_jsonl
 
 from selfrank.train.evaluation.agreement import AgreementGroup, agreement_study
+from selfrank.train.evaluation.controls import GREEDY_ROW, MAJORITY_ROW, majority_answers
 from selfrank.train.config import ExperimentConfig
 from selfrank.train.evaluation.metrics import EXACT_ANSWER_TASKS, QA_METRICS, TEXT_METRICS, bootstrap_ci, corpus_bleu, meteor, paired_bootstrap_diff, score_examples, tokenize
 from selfrank.train.evaluation.report import CURVE_KEYS, write_report
@@ -199,6 +200,30 @@ def agreement_groups(config: ExperimentConfig, sft_folder: Path, examples: Seque
     return groups
 
 
+def control_rows(config: ExperimentConfig, sft_folder: Path, prompts: Sequence[str],
+                 group=None) -> list[tuple[str, list[str], str, list[list[str]] | None]]:
+    """The control rows (``train.evaluation.controls``) as ``(row, one answer per prompt, decoding, the
+    answers each was picked from)``:
+    SFT greedy (left out when eval itself decodes greedily: it would be the SFT row again) and SFT
+    majority vote over K answers sampled with the sample stage's decoding."""
+    ev = config.eval
+    rows = []
+    if ev.do_sample:
+        greedy = generate_batches(config, sft_folder, prompts, n=1, per_call=ev.batch_size, seed=ev.seed,
+                                  decoding={"do_sample": False, "max_new_tokens": ev.max_new_tokens},
+                                  desc="eval SFT greedy", group=group)
+        rows.append((GREEDY_ROW, greedy, "greedy", None))
+    k = ev.majority_samples or config.sample.samples_per_prompt
+    decoding = {"do_sample": True, "temperature": config.sample.temperature, "top_p": config.sample.top_p,
+                "max_new_tokens": ev.max_new_tokens}
+    sampled = generate_batches(config, sft_folder, prompts, n=k, per_call=max(1, ev.batch_size // k),
+                               seed=ev.seed + 2, decoding=decoding, desc="eval SFT majority", group=group)
+    groups = [sampled[i:i + k] for i in range(0, len(sampled), k)]
+    rows.append((MAJORITY_ROW, majority_answers(sampled, k), f"majority of {k} sampled (temperature "
+                 f"{config.sample.temperature}, top-p {config.sample.top_p})", groups))
+    return rows
+
+
 def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], examples: list, out_folder: Path, *,
                   reward_folders: dict[str, Path] | None = None, ppo_logs: dict[str, Path] | None = None,
                   task_kind: str, group=None) -> dict | None:
@@ -227,7 +252,6 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
     prompts = [ex.prompt for ex in examples]
     metric_names = TEXT_METRICS + (QA_METRICS if qa else ())
     n = ev.samples_per_prompt
-    answer_refs = [refs for refs in references for _ in range(n)]  # the gold answers of each scored answer
 
     results: dict = {
         "task_kind": task_kind, "n_examples": len(examples), "confidence": ev.confidence, "bootstrap": ev.bootstrap,
@@ -240,25 +264,38 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
                                                         or [0]))},
     }
     per_example: dict[str, dict[str, np.ndarray]] = {}
-    for name, folder in StepProgress("eval rows", len(rows), iterable=rows, unit="row"):
-        texts = answer_examples(config, folder, prompts, desc=f"eval {name}", group=group)
-        if not dist.is_main():
-            continue
-        scores = example_means(score_examples(texts, answer_refs, qa=qa, unanswerable=unanswerable), n)
+
+    def score_row(name: str, folder: Path, texts: list[str], n: int, how: str | None = None,
+                  candidates: list[list[str]] | None = None) -> None:
+        scores = example_means(score_examples(texts, [refs for refs in references for _ in range(n)], qa=qa,
+                                              unanswerable=unanswerable), n)
         per_example[name] = scores
         generations_file = f"generations_{name}.jsonl"
         write_jsonl(out / generations_file, (
             {"id": ex.id, "prompt": ex.prompt, "references": refs,
              **({"generation": texts[i]} if n == 1 else {"generations": texts[i * n:(i + 1) * n]}),
+             **({"candidates": candidates[i]} if candidates else {}),
              **{m: float(scores[m][i]) for m in metric_names}}
             for i, (ex, refs) in enumerate(zip(examples, references))))
         results["rows"][name] = {
             "model": str(folder),
             "metrics": {m: _ci(scores[m], config) for m in metric_names},
-            "corpus_bleu": corpus_bleu(texts, answer_refs),
+            "corpus_bleu": corpus_bleu(texts, [refs for refs in references for _ in range(n)]),
             "generations": generations_file,
+            **({"decoding": how} if how else {}),
         }
         log.info("eval %s: %s", name, ", ".join(f"{m}={scores[m].mean():.4f}" for m in metric_names))
+
+    for name, folder in StepProgress("eval rows", len(rows), iterable=rows, unit="row"):
+        texts = answer_examples(config, folder, prompts, desc=f"eval {name}", group=group)
+        if dist.is_main():
+            score_row(name, folder, texts, n)
+
+    folders = dict(rows)
+    if ev.controls and BASELINE_ROW in folders:
+        for name, texts, how, candidates in control_rows(config, folders[BASELINE_ROW], prompts, group):
+            if dist.is_main():
+                score_row(name, folders[BASELINE_ROW], texts, 1, how, candidates)
 
     if BASELINE_ROW in per_example:
         base = per_example[BASELINE_ROW]
@@ -268,7 +305,6 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
                     m: paired_bootstrap_diff(scores[m], base[m], ev.bootstrap, ev.confidence, ev.seed)
                     for m in metric_names}
 
-    folders = dict(rows)
     study = ev.agreement_groups > 0 and BASELINE_ROW in folders
     if study:
         groups = agreement_groups(config, folders[BASELINE_ROW], examples, references, reward_folders or {}, group)

@@ -35,7 +35,8 @@ COLUMN_TITLES = {"bleu4": "BLEU-4", "gleu": "GLEU", "meteor": "METEOR", "em": "E
                  "precision": "Precision", "recall": "Recall"}
 ROW_TITLES = {"original": "original", "sft": "SFT", "full": "full fine-tuning", "lora": "LoRA", "bitfit": "BitFit",
               "adapter": "Adapter", "str": "STR", "str_noise": "STR + noise", "str_listwise": "STR (listwise RM)",
-              "str_online": "STR (online RM)"}
+              "str_online": "STR (online RM)", "greedy": "SFT greedy (control)",
+              "majority": "SFT majority vote (control)"}
 ROW_HELP = {
     "original": "the policy before any training",
     "sft": "supervised fine-tuning on the task's training answers; every STR row starts from it",
@@ -48,6 +49,12 @@ ROW_HELP = {
     "str_noise": "as STR, with each pair's losing answer perturbed (the paper's \"+ noise\")",
     "str_listwise": "as STR, with the reward model trained on each whole ranked list (Plackett-Luce)",
     "str_online": "as STR, with the reward model refreshed from ranked PPO rollouts during PPO",
+    "greedy": "control: the SFT model decoding greedily (its most likely answer, no sampling); an STR gain that "
+              "this row matches may only mean PPO made sampling greedier",
+    "majority": "control: self-consistency from the SFT model with no training beyond SFT: K answers sampled as "
+                "STR samples its groups, and the most frequent after normalisation (ties: the one sharing the "
+                "most words with the others); an STR gain that this row matches is what consensus gives "
+                "without a reward model or PPO",
 }
 COLUMN_HELP = {
     "bleu4": "n-gram overlap with the gold answer, per example (smoothed, so a short answer is not 0 for "
