@@ -12,7 +12,7 @@ from selfrank.validate import check_choice, check_range
 
 TASK_KINDS = ("synthetic", "qa", "dialogue")
 SFT_METHODS = ("full", "lora", "bitfit", "adapter", "none")
-# How K answers per prompt are decoded (train.generation.generate's method; the same answers either way):
+# How K answers per prompt are decoded (train.sampling.generation.generate's method; the same answers either way):
 # "shared_prefix" prefills each prompt once and forks its cache to its answers; "repeat" runs
 # model.generate over K copies of each prompt (K prefills; kept for comparison).
 SAMPLERS = ("shared_prefix", "repeat")
@@ -38,7 +38,7 @@ VARIANTS = {
 
 @dataclass
 class SyntheticTaskConfig:
-    """The offline embedded task (see train/synthetic.py): short, checkable answers, so that the
+    """The offline embedded task (see train/data/synthetic.py): short, checkable answers, so that the
     agreement among samples correlates with correctness and the STR signal is real."""
     n_train: int = 2000
     n_validation: int = 200

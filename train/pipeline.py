@@ -9,7 +9,7 @@ beside the old one and swapped in when complete; an unfinished stage's checkpoin
 (``reward/<variant>/``, ``ppo/<variant>/``).
 
 Under ``accelerate launch`` (``accelerate launch -m selfrank run CONFIG``) every process runs this
-function. The sft, reward and ppo stages are collective (sharded global batches, see ``train.distributed``);
+function. The sft, reward and ppo stages are collective (sharded global batches, see ``train.dist``);
 the sample and eval stages deal their generation batches round-robin to the processes (seeded per
 batch, so the outputs do not depend on the number of processes), rank through one ranking pool per
 node, and the main process merges, scores and writes. Their collectives go through a gloo group

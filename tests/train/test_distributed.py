@@ -1,4 +1,4 @@
-"""train.distributed: real multi-process runs (gloo DDP and DeepSpeed ZeRO-3 on CPU) against one process.
+"""train.dist: real multi-process runs (gloo DDP and DeepSpeed ZeRO-3 on CPU) against one process.
 
 The worker ``dist_scripts/tiny_train.py`` trains a tiny GPT-2 on one global batch of 8 sequences of
 different lengths with the layer's sharding and global-mean loss, then checks generation, a frozen

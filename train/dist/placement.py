@@ -258,7 +258,7 @@ def full_state_dict(model: nn.Module, accelerator) -> dict[str, torch.Tensor] | 
 def save_full(model: nn.Module, accelerator, save: Callable[[nn.Module], Any]) -> None:
     """Call ``save(module)`` on the main process with the full weights in ``module``. Collective.
 
-    ``save`` is the stage's usual single-process writer (``train.models.save_model``,
+    ``save`` is the stage's usual single-process writer (``train.models.causal_lm.save_model``,
     ``RewardModel.save_pretrained``...), so the folder is the same plain safetensors folder a
     one-process run writes. Under ZeRO-3 the weights are gathered for the call (read only: changes made
     by ``save`` are discarded; a writer that restructures the module, such as merging LoRA, must run on

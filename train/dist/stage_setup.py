@@ -1,4 +1,4 @@
-"""What the training stages (SFT, reward) do around ``train.distributed``: one job per module, shared.
+"""What the training stages (SFT, reward) do around ``train.dist``: one job per module, shared.
 
 * :func:`begin_training` readies the cached Accelerator for one training run: its micro-step counter
   starts at 0 and, under DeepSpeed, the batch bookkeeping of the job's config is set for THIS run (the

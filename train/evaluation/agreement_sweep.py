@@ -4,7 +4,7 @@ One pass of sampling: ``max(sizes)`` answers per study prompt from the SFT model
 answers of each prompt are a group of size ``K`` (independent draws, so a prefix is a random subset),
 and every (embedder, K) cell ranks those groups with TextRank + ISODATA. Per cell:
 
-* the agreement study of ``train.agreement`` (tie-aware exact order match with its chance, Kendall
+* the agreement study of ``train.evaluation.agreement`` (tie-aware exact order match with its chance, Kendall
   tau; on all answers and on the ISODATA representatives);
 * what ranking buys for STR: the METEOR (to the gold answer) of TextRank's top answer against the mean
   over the group (what a random pick gets) and the group's best (what an oracle gets).

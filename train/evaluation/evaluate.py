@@ -5,9 +5,9 @@ with the decoding of ``config.eval`` (the paper's sampling by default; seeded id
 row, so that rows differ by their model and not by their random draws); an example's score is the mean
 over its answers. Outputs in the eval folder: ``generations_<row>.jsonl`` (answer and
 per-example scores), ``agreement_groups.jsonl`` (the ranking study's groups) and the report
-(``train.report``). The ranking study samples ``eval.agreement_group_size`` answers per prompt from
+(``train.evaluation.report``). The ranking study samples ``eval.agreement_group_size`` answers per prompt from
 the SFT model and compares each reward model's order, and TextRank's, with the METEOR order
-(``train.agreement``).
+(``train.evaluation.agreement``).
 """
 from __future__ import annotations
 
@@ -229,7 +229,7 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
                   task_kind: str, group=None) -> dict | None:
     """Score every ``(name, model folder)`` row on ``examples``, run the ranking study, write the report.
 
-    Returns the results dict that ``train.report.write_report`` renders (also saved as ``report.json``).
+    Returns the results dict that ``train.evaluation.report.write_report`` renders (also saved as ``report.json``).
     Under a launcher (``group``: the job's process group) every process generates a share of each
     row's answers; the main process scores them and writes the report; the others return None.
     """

@@ -1,7 +1,7 @@
 """The evaluation report: ``report.json`` (every number), ``report.md`` (tables a reader can follow
 without the paper) and plots.
 
-``results`` is the dict ``train.evaluate.evaluate_rows`` returns; the keys read here are
+``results`` is the dict ``train.evaluation.evaluate.evaluate_rows`` returns; the keys read here are
 ``task_kind``, ``confidence``, ``n_examples``, ``rows`` (name -> ``{"metrics": {metric: {"mean", "low",
 "high"}}, "corpus_bleu": float}``, in table order), ``reference_tokens`` (``{"median": ...}``: the gold
 answers' length), ``paired_vs_sft``, ``agreement`` and ``curves`` (name -> ``{"step": [...],

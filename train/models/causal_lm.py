@@ -4,7 +4,7 @@ Every model folder this project writes is a plain ``save_pretrained`` folder (sa
 the tokenizer), so any stage, or any other tool, can load it with ``AutoModelForCausalLM``. The one
 exception is a model trained with bottleneck adapters, which cannot be merged into the base weights:
 its folder holds the base weights as usual plus ``adapters.json`` / ``adapters.safetensors``, and
-:func:`load_model` re-attaches the adapters (see ``train/peft_methods.py``).
+:func:`load_model` re-attaches the adapters (see ``train/models/peft_methods.py``).
 """
 from __future__ import annotations
 
@@ -273,7 +273,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
 
     A crash leaves either the previous folder or the new one, never a half-written model. A PEFT (LoRA)
     model is merged first so that the folder is a plain causal LM; bottleneck adapters are saved beside
-    the base weights (see ``train/peft_methods.py``).
+    the base weights (see ``train/models/peft_methods.py``).
     """
     from selfrank.train.models import peft_methods
 
@@ -305,7 +305,7 @@ def encode_prompt_response(tokenizer: PreTrainedTokenizerBase, prompt: str, resp
                            add_eos: bool = True, keep_prompt: bool | None = None) -> tuple[list[int], int]:
     """Token ids of ``prompt`` followed by ``response`` (+ its end of turn) and the prompt's length.
 
-    The prompt is tokenized on its own, exactly as :func:`train.generation.generate` does, and the
+    The prompt is tokenized on its own, exactly as :func:`train.sampling.generation.generate` does, and the
     response as the model emits it after that prompt (:func:`response_token_ids`), ended by
     ``stop_token_ids(tokenizer)[0]``: the same ids for SFT's targets, the reward model's texts and what
     PPO scores. A response that alone exceeds ``max_length - 1`` is cut at the right and then has no end

@@ -122,7 +122,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         raise ValueError("generate: generate_kwargs only apply to method='repeat'")
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     if pad_id is None or eos_id is None:
-        raise ValueError("the tokenizer needs a pad and an EOS token (see train.models.load_causal_lm)")
+        raise ValueError("the tokenizer needs a pad and an EOS token (see train.models.causal_lm.load_causal_lm)")
     stops = [int(s) for s in stop_ids] if stop_ids else stop_token_ids(tokenizer)
     if max_prompt_length is None:
         max_prompt_length = prompt_budget(model, max_new_tokens)

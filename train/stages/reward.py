@@ -11,7 +11,7 @@ The paper trains a GPT-2 reward model on (better, worse) pairs with ``-log sigmo
 Beyond the paper, ``loss="listwise"`` trains on each group's whole ranked list with the
 Plackett-Luce likelihood of its best-first order.
 
-Distributed (``accelerate launch``, see ``train.distributed``): ``reward.batch_size`` is the GLOBAL
+Distributed (``accelerate launch``, see ``train.dist``): ``reward.batch_size`` is the GLOBAL
 batch; its items are split contiguously across ranks (sizes may differ by one) and the update follows
 the gradient of the summed per-pair (per-list) loss over the GLOBAL count, so N processes follow one
 process's trajectory. Held-out scoring and the normaliser are sharded by example and gathered. Only the

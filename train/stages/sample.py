@@ -5,7 +5,7 @@ queue (``ranking.pool``), so ranking hides behind generation. Outputs in ``runs/
 ``ranked.jsonl`` (one ranked group per prompt) and ``pairs.jsonl`` (one (winner, loser) pair per line).
 
 Under a launcher the batches are dealt round-robin to the processes (batch ``i`` to rank
-``i % world``), every process feeds its node's shared ranking pool (``train.ranking_service``), and
+``i % world``), every process feeds its node's shared ranking pool (``train.dist.ranking_service``), and
 the main process merges the results. Each answer is seeded by its example's id and its index
 (``answer_seeds``), so the samples, and so the outputs, are the same for any number of processes and
 any batch size. Each prompt is prefilled once for its K answers (``sample.sampler``). Each process

@@ -5,7 +5,7 @@ answer tokens of an optimizer step. Training is seeded and resumable: every ``sf
 trainable weights, optimizer, scheduler and RNG states go to ``<out>/checkpoint/``; the data order is a
 pure function of the seed and the step, so a resumed run continues exactly where it stopped.
 
-Distributed (``accelerate launch``, DDP or DeepSpeed ZeRO, see ``train.distributed``): ``sft.batch_size``
+Distributed (``accelerate launch``, DDP or DeepSpeed ZeRO, see ``train.dist``): ``sft.batch_size``
 is the GLOBAL batch; each step's examples are split contiguously across ranks (each used once), and
 the update follows the gradient of the summed answer-token loss over the GLOBAL token count, so N
 processes follow one process's trajectory. Only the main process writes (model, summary, checkpoint);

@@ -1,7 +1,7 @@
 """Worker for tests/train/test_distributed.py: trains a tiny GPT-2 on one fixed global batch.
 
 Run with no launcher (one process) or under ``accelerate launch`` (DDP or DeepSpeed). Every rank runs
-the same code through ``train.distributed``; rank 0 writes ``result.json`` (per-step global losses and
+the same code through ``train.dist``; rank 0 writes ``result.json`` (per-step global losses and
 checks) and ``tensors.safetensors`` (logits) into ``--out``. Under ZeRO-3 it also saves ``model/``.
 
 ``--fail kill`` makes rank 1 SIGKILL itself after the first step; ``--fail stall`` makes it sleep
