@@ -35,7 +35,7 @@ COLUMN_TITLES = {"bleu4": "BLEU-4", "gleu": "GLEU", "meteor": "METEOR", "em": "E
                  "precision": "Precision", "recall": "Recall"}
 ROW_TITLES = {"original": "original", "sft": "SFT", "full": "full fine-tuning", "lora": "LoRA", "bitfit": "BitFit",
               "adapter": "Adapter", "str": "STR", "str_noise": "STR + noise", "str_listwise": "STR (listwise RM)",
-              "str_online": "STR (online RM)"}
+              "str_online": "STR (online RM)", "str_direct": "STR (direct ranking, no RM)"}
 ROW_HELP = {
     "original": "the policy before any training",
     "sft": "supervised fine-tuning on the task's training answers; every STR row starts from it",
@@ -48,6 +48,9 @@ ROW_HELP = {
     "str_noise": "as STR, with each pair's losing answer perturbed (the paper's \"+ noise\")",
     "str_listwise": "as STR, with the reward model trained on each whole ranked list (Plackett-Luce)",
     "str_online": "as STR, with the reward model refreshed from ranked PPO rollouts during PPO",
+    "str_direct": "SFT, then PPO with no reward model: each prompt's PPO answers are ranked against each other "
+                  "(TextRank over Sentence-BERT similarities) and an answer's reward is its centrality standardised "
+                  "within its group (so its reward curve is 0 by construction)",
 }
 COLUMN_HELP = {
     "bleu4": "n-gram overlap with the gold answer, per example (smoothed, so a short answer is not 0 for "
