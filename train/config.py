@@ -20,19 +20,49 @@ STAGES = ("sft", "sample", "reward", "ppo", "eval")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
+# Where a variant's PPO reward comes from: "reward_model" (a reward model trained on the ranked pairs,
+# reward/<v>/model) or "group_ranking" (no reward model: each prompt's PPO rollout answers are ranked
+# against each other and an answer's TextRank centrality, standardised within its group, is its reward).
+REWARD_SOURCES = ("reward_model", "group_ranking")
+
+
 @dataclass(frozen=True)
 class Variant:
-    loss: str  # reward-model loss: "pairwise" -log sigmoid(r_w - r_l) (paper) or "listwise" (Plackett-Luce)
+    loss: str | None  # reward-model loss: "pairwise" -log sigmoid(r_w - r_l) (paper) or "listwise" (Plackett-Luce)
     use_noise: bool  # train the RM on the perturbed losers (the paper's "+ noise")
     online_rm: bool  # refresh the RM from ranked rollouts during PPO
+    reward_source: str = "reward_model"  # see REWARD_SOURCES
+
+    def __post_init__(self):
+        check_choice("Variant.reward_source", self.reward_source, REWARD_SOURCES)
+
+    @property
+    def needs_reward_model(self) -> bool:
+        return self.reward_source == "reward_model"
 
 
-# STR variants trained side by side from one sample stage (each gets reward/<v>/ and ppo/<v>/).
+# str_direct's reward ranks each prompt's PPO answers against each other: with two answers the similarity
+# graph is symmetric, so both are always equally central (every reward 0); three is the least that ranks.
+DIRECT_MIN_GROUP = 3
+DIRECT_GROUP_ERROR = (f"ppo.samples_per_prompt: must be >= {DIRECT_MIN_GROUP} for the direct-ranking variant "
+                      "(str_direct), which ranks each prompt's rollout answers against each other (two answers are "
+                      "always equally central); got {}")
+
+
+# STR variants trained side by side from one sample stage (each gets ppo/<v>/, and reward/<v>/ when it
+# has a reward model):
+#   str           pairwise RM on the ranked (better, worse) pairs (the paper)
+#   str_noise     as str, the RM also trained on perturbed losers (the paper's "+ noise")
+#   str_listwise  Plackett-Luce RM on each group's whole ranked list
+#   str_online    as str, the RM refreshed from ranked PPO rollouts during PPO
+#   str_direct    no RM: PPO ranks each prompt's rollout answers itself (TextRank centrality over SBERT
+#                 similarities) and rewards each answer with its centrality standardised within the group
 VARIANTS = {
     "str": Variant("pairwise", use_noise=False, online_rm=False),
     "str_noise": Variant("pairwise", use_noise=True, online_rm=False),
     "str_listwise": Variant("listwise", use_noise=False, online_rm=False),
     "str_online": Variant("pairwise", use_noise=False, online_rm=True),
+    "str_direct": Variant(None, use_noise=False, online_rm=False, reward_source="group_ranking"),
 }
 
 
@@ -249,7 +279,7 @@ class SampleConfig:
 @dataclass
 class RewardConfig:
     # The loss follows the variant: pairwise -log sigmoid(r_w - r_l) (paper) for str / str_noise /
-    # str_online, Plackett-Luce over the ranked list for str_listwise.
+    # str_online, Plackett-Luce over the ranked list for str_listwise; str_direct trains no reward model.
     # "sft": the SFT model's weights as backbone; or a model name/folder.
     backbone: str = "sft"
     lr: float = 3e-5  # paper
@@ -435,6 +465,8 @@ class ExperimentConfig:
         if "str_online" in self.variants and self.ppo.samples_per_prompt < 2:
             raise UserError("ppo.samples_per_prompt: must be >= 2 for the online reward-model variant (str_online): "
                             "it ranks each prompt's rollout answers against each other")
+        if "str_direct" in self.variants and self.ppo.samples_per_prompt < DIRECT_MIN_GROUP:
+            raise UserError(DIRECT_GROUP_ERROR.format(self.ppo.samples_per_prompt))
         interval = self.ranking.pairs.interval
         if interval is not None and interval >= self.sample.samples_per_prompt:
             raise UserError(f"ranking.pairs.interval: IL must be < sample.samples_per_prompt "

@@ -48,6 +48,7 @@ CONFIG_CASES = [
     ("attn-implementation", "model: {attn_implementation: flash}\n", "model.attn_implementation"),
     ("lr-schedule", "ppo: {lr_schedule: step}\n", "ppo.lr_schedule"),
     ("variant-unknown", "variants: [str, rlhf]\n", "variants"),
+    ("direct-k-below-3", "variants: [str_direct]\nppo: {samples_per_prompt: 2}\n", "ppo.samples_per_prompt: must be >= 3"),
     ("variants-empty", "variants: []\n", "variants"),
     ("wandb-mode", "tracking: {wandb: sometimes}\n", "tracking.wandb"),
     ("confidence-1", "eval: {confidence: 1.0}\n", "eval.confidence"),

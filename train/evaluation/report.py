@@ -35,8 +35,8 @@ COLUMN_TITLES = {"bleu4": "BLEU-4", "gleu": "GLEU", "meteor": "METEOR", "em": "E
                  "precision": "Precision", "recall": "Recall"}
 ROW_TITLES = {"original": "original", "sft": "SFT", "full": "full fine-tuning", "lora": "LoRA", "bitfit": "BitFit",
               "adapter": "Adapter", "str": "STR", "str_noise": "STR + noise", "str_listwise": "STR (listwise RM)",
-              "str_online": "STR (online RM)", "greedy": "SFT greedy (control)",
-              "majority": "SFT majority vote (control)"}
+              "str_online": "STR (online RM)", "str_direct": "STR (direct ranking, no RM)",
+              "greedy": "SFT greedy (control)", "majority": "SFT majority vote (control)"}
 ROW_HELP = {
     "original": "the policy before any training",
     "sft": "supervised fine-tuning on the task's training answers; every STR row starts from it",
@@ -55,6 +55,9 @@ ROW_HELP = {
                 "STR samples its groups, and the most frequent after normalisation (ties: the one sharing the "
                 "most words with the others); an STR gain that this row matches is what consensus gives "
                 "without a reward model or PPO",
+    "str_direct": "SFT, then PPO with no reward model: each prompt's PPO answers are ranked against each other "
+                  "(TextRank over Sentence-BERT similarities) and an answer's reward is its centrality standardised "
+                  "within its group (so its reward curve is 0 by construction)",
 }
 COLUMN_HELP = {
     "bleu4": "n-gram overlap with the gold answer, per example (smoothed, so a short answer is not 0 for "

@@ -235,3 +235,24 @@ class AdaptiveKLController:
         self.value = float(state["value"])
         self.target = float(state["target"])
         self.horizon = int(state["horizon"])
+
+
+def standardize_within_groups(scores: torch.Tensor, group_size: int, min_std: float = 1e-8) -> torch.Tensor:
+    """Each consecutive group of ``group_size`` scores shifted and scaled to mean 0, std 1 (population
+    std, over the group's own scores); a group whose std is below ``min_std`` becomes all zeros.
+
+    The direct-ranking variant's reward (``str_direct``): ``scores`` are TextRank centralities, one
+    group per prompt, and only an answer's standing among its own group's answers is a signal. A group
+    of equally central answers (e.g. all identical) says nothing, hence zeros rather than noise blown up
+    by a tiny std. Computed in float64, returned in ``scores``' dtype; shape ``(B,)`` with B a multiple
+    of ``group_size``."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if scores.dim() != 1 or scores.numel() % group_size:
+        raise ValueError(f"expected a (B,) tensor with B a multiple of {group_size}, got shape {tuple(scores.shape)}")
+    groups = scores.double().view(-1, group_size)
+    mean = groups.mean(dim=1, keepdim=True)
+    std = groups.std(dim=1, unbiased=False, keepdim=True)
+    flat = std < min_std
+    out = torch.where(flat, torch.zeros_like(groups), (groups - mean) / torch.where(flat, torch.ones_like(std), std))
+    return out.view(-1).to(scores.dtype)

@@ -30,6 +30,7 @@ from selfrank.train.models.policy_value import PolicyAndValue
 from selfrank.train.models.reward_model import RewardModel, disable_dropout
 from selfrank.train.models.value_model import ValueModel
 from selfrank.train.optim import adamw_groups, lr_factor, set_learning_rates
+from selfrank.train.rl.group_reward import GroupRankingReward
 from selfrank.train.rl.online_rm import OnlineRewardRefresher
 from selfrank.train.rl.ppo_math import AdaptiveKLController, FixedKLController
 from selfrank.train.scale import apply_model_switches
@@ -61,8 +62,8 @@ class PPORun:
     model: torch.nn.Module  # prepared PolicyAndValue (actor + critic)
     optimizer: Any
     ref: torch.nn.Module  # prepared frozen reference (or the LoRA actor with adapters off)
-    rm: RewardModel  # the plain reward model (trained in place by the online refresher)
-    rm_run: torch.nn.Module  # the reward model as scored from (prepared unless online)
+    rm: RewardModel | None  # the plain reward model (trained in place by the online refresher); None: str_direct
+    rm_run: torch.nn.Module | None  # the reward model as scored from (prepared unless online)
     tokenizer: Any
     kl_ctl: Any
     checkpoint: Path
@@ -71,6 +72,7 @@ class PPORun:
     refresher: OnlineRewardRefresher | None = None
     ranking_pool: Any = None
     dropped_groups: int = 0  # rollout groups the full ranking pool could not take
+    group_reward: GroupRankingReward | None = None  # no reward model: rewards from ranking each group
 
     @property
     def cfg(self) -> PPOConfig:
@@ -101,9 +103,10 @@ class PPORun:
         return factor
 
 
-def start_run(config: ExperimentConfig, prompts: list[str], actor_folder: Path, rm_folder: Path, out_folder: Path,
-           resume: bool, ranking_pool, online_rm: bool) -> PPORun:
-    """Load and prepare the models, and resume from the checkpoint when asked."""
+def start_run(config: ExperimentConfig, prompts: list[str], actor_folder: Path, rm_folder: Path | None,
+              out_folder: Path, resume: bool, ranking_pool, online_rm: bool) -> PPORun:
+    """Load and prepare the models, and resume from the checkpoint when asked. ``rm_folder`` None: no
+    reward model (str_direct); the rewards come from ranking each rollout group (``GroupRankingReward``)."""
     cfg = config.ppo
     per_process = cfg.batch_size * cfg.samples_per_prompt // cfg.minibatches // dist.world_size()
     acc = begin_training(1, per_process, config.model.mixed_precision)  # one optimizer step per minibatch
@@ -116,9 +119,15 @@ def start_run(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
         actor, tokenizer = load_model(actor_folder, config.model)
         # A LoRA actor's reference is the actor with its adapters off: no second copy to hold.
         ref = None if lora else load_model(actor_folder, config.model)[0]
-        rm = RewardModel.from_pretrained(rm_folder, config.model)
-        _check_same_tokenizer(tokenizer, rm, rm_folder)
-        critic = ValueModel.from_reward_model(rm)
+        if rm_folder is not None:
+            rm = RewardModel.from_pretrained(rm_folder, config.model)
+            _check_same_tokenizer(tokenizer, rm, rm_folder)
+            critic = ValueModel.from_reward_model(rm)
+        else:
+            # No reward model to start the critic from: the SFT backbone with a fresh small head (values
+            # start near 0, the mean of rewards standardised within each group).
+            rm = None
+            critic = ValueModel.from_reward_model(RewardModel.from_causal_lm(actor_folder, model_cfg=config.model))
     # Trick: dropout off everywhere, so log-probs and values are the same functions in rollout and update.
     for model in (actor, ref, critic):
         if model is not None:
@@ -132,7 +141,7 @@ def start_run(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
         rm.to(acc.device).eval().requires_grad_(False)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
-    fingerprint = _fingerprint(config, len(prompts), online_rm)
+    fingerprint = _fingerprint(config, len(prompts), online_rm, direct=rm is None)
     checkpoint = out_folder / CHECKPOINT
 
     progress = _Progress()
@@ -152,7 +161,12 @@ def start_run(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
     # the job's autocast as the trained forward is.
     ref = (dist.autocast_forward(AdapterDisabled(actor), acc) if lora
            else dist.prepare_frozen(ref, acc, offload=cfg.offload_reference))
-    rm_run = dist.autocast_forward(rm, acc) if online_rm else dist.prepare_frozen(rm, acc, offload=cfg.offload_reward)
+    if rm is None:
+        rm_run = None
+    else:
+        rm_run = (dist.autocast_forward(rm, acc) if online_rm
+                  else dist.prepare_frozen(rm, acc, offload=cfg.offload_reward))
+    group_reward = GroupRankingReward(config.ranking, seed=config.seed) if rm is None else None
     refresher = OnlineRewardRefresher(rm, rm.tokenizer or tokenizer, config) if online_rm else None
     if progress.step > 0:
         # A torch optimizer's state is in optim.pt; a DeepSpeed engine's partitions in deepspeed/.
@@ -164,7 +178,7 @@ def start_run(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
             dist.load_engine_states(checkpoint, {ENGINE: model}, acc)
     return PPORun(config=config, prompts=prompts, acc=acc, model=model, optimizer=optimizer, ref=ref, rm=rm,
                   rm_run=rm_run, tokenizer=tokenizer, kl_ctl=kl_ctl, checkpoint=checkpoint, fingerprint=fingerprint,
-                  progress=progress, refresher=refresher, ranking_pool=ranking_pool)
+                  progress=progress, refresher=refresher, ranking_pool=ranking_pool, group_reward=group_reward)
 
 
 def finish_run(run: PPORun, out_folder: Path, last: dict) -> dict:
@@ -219,12 +233,14 @@ def _peak_memory(accelerator) -> dict:
     return {"peak_gpu_memory_bytes": int(accelerator.gather(peak).max())}
 
 
-def _fingerprint(config: ExperimentConfig, n_prompts: int, online_rm: bool) -> dict:
+def _fingerprint(config: ExperimentConfig, n_prompts: int, online_rm: bool, direct: bool = False) -> dict:
     # A decaying learning-rate schedule spans ``steps``: then the number of steps cannot change on resume.
     resumable = _RESUMABLE_CHANGES if config.ppo.lr_schedule == "constant" else tuple(
         name for name in _RESUMABLE_CHANGES if name != "steps")
     ppo = {k: v for k, v in vars(config.ppo).items() if k not in resumable}
-    return {"ppo": ppo, "seed": config.seed, "prompts": n_prompts, "online_rm": online_rm}
+    # (The reward source is named only when it is not a reward model, so earlier checkpoints still match.)
+    return {"ppo": ppo, "seed": config.seed, "prompts": n_prompts, "online_rm": online_rm,
+            **({"reward_source": "group_ranking"} if direct else {})}
 
 
 def _checkpoint_weights(actor, critic, rm: RewardModel | None) -> dict:

@@ -32,8 +32,8 @@ class Rollout:
     logp: torch.Tensor  # actor log-probs at sampling time (at the sampling temperature)
     ref_logp: torch.Tensor  # reference log-probs (same temperature)
     values: torch.Tensor  # critic values of the state before each response token
-    raw_score: torch.Tensor  # (B,) RM output
-    score: torch.Tensor  # (B,) normalised RM score
+    raw_score: torch.Tensor  # (B,) RM output (str_direct: the answer's TextRank centrality in its group)
+    score: torch.Tensor  # (B,) normalised RM score (str_direct: the centrality standardised within its group)
     entropy: torch.Tensor  # (B,) sum over each answer's tokens of the sampling distribution's entropy
     texts: list[str]
 
@@ -100,7 +100,8 @@ def collect_rollout(model, ref, rm, tokenizer, prompts: list[str], cfg: PPOConfi
                     accelerator=None) -> Rollout:
     """Sample and score this process's share of a batch (no gradients anywhere).
 
-    ``model`` is the (prepared) ``PolicyAndValue``; ``ref`` and ``rm`` the (prepared) frozen models;
+    ``model`` is the (prepared) ``PolicyAndValue``; ``ref`` and ``rm`` the (prepared) frozen models
+    (``rm`` None: no reward model, the scores are left at 0 for the caller to fill);
     ``seeds`` one sampling seed per answer (:func:`row_seeds`). Collective under a launcher."""
     acc = accelerator if accelerator is not None else dist.get_accelerator()
     k = cfg.samples_per_prompt
@@ -134,9 +135,13 @@ def collect_rollout(model, ref, rm, tokenizer, prompts: list[str], cfg: PPOConfi
     entropy = (token_entropy * mask).sum(1)
     ref_logp = logprobs_from_logits(response_logits(ref, input_ids, attention_mask, length), response_ids,
                                     cfg.temperature)
-    # The RM reads the last real token: the EOS when the answer ended, as in its training texts.
-    raw = rm(input_ids, attention_mask)
-    score = dist.unwrap(rm, acc).normalized(raw)
+    if rm is not None:
+        # The RM reads the last real token: the EOS when the answer ended, as in its training texts.
+        raw = rm(input_ids, attention_mask)
+        score = dist.unwrap(rm, acc).normalized(raw)
+    else:
+        # No reward model (str_direct): the caller fills both once the whole batch's groups are ranked.
+        raw = score = torch.zeros(input_ids.shape[0], device=device)
     return Rollout(input_ids=input_ids, attention_mask=attention_mask, response_ids=response_ids, mask=mask,
                    ended=gen.ended.to(device), logp=logp, ref_logp=ref_logp, values=values.float(),
                    raw_score=raw.float(), score=score.float(), entropy=entropy, texts=gen.texts)

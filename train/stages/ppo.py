@@ -7,7 +7,8 @@ RM in ``train/rl/online_rm.py``; each trick is named in a comment where it happe
 
 Models: the actor (the SFT causal LM), a frozen reference copy of it (or, with ``ppo.policy: lora``, the
 actor with its adapters switched off), the frozen reward model, and a critic initialised from the reward
-model. One step:
+model. The str_direct variant has no reward model: each step ranks every prompt's answers against each
+other instead (``train/rl/group_reward.py``) and its critic starts from the SFT backbone. One step:
 
 1. take ``batch_size`` prompts (the GLOBAL batch) in a seeded order (the position is checkpointed);
 2. roll out ``samples_per_prompt`` answers per prompt, each process its contiguous share, and gather the
@@ -51,7 +52,7 @@ from selfrank.errors import UserError
 from selfrank.jsonl import read_appended_rows
 from selfrank.ranking.engine import stable_seed
 from selfrank.train import dist
-from selfrank.train.config import VARIANTS, ExperimentConfig, PPOConfig
+from selfrank.train.config import DIRECT_GROUP_ERROR, DIRECT_MIN_GROUP, VARIANTS, ExperimentConfig, PPOConfig
 from selfrank.train.data.tasks import load_prompted_task
 from selfrank.train.dist.ranking_service import ranking_pool
 from selfrank.train.rl.ppo_math import (
@@ -102,6 +103,10 @@ def ppo_step(run: PPORun, step: int) -> dict:
                             row_seeds(run.config.seed, step, lo, hi, cfg.samples_per_prompt), acc)
     ro = gather_rollout(local, acc, run.tokenizer.pad_token_id)
     del local
+    if run.group_reward is not None:
+        # No reward model (str_direct): each prompt's answers are ranked against each other; the reward
+        # is an answer's TextRank centrality standardised within its group (train/rl/group_reward.py).
+        ro.raw_score, ro.score = run.group_reward(batch_prompts, ro.texts, cfg.samples_per_prompt, acc)
     if run.ranking_pool is not None:
         _rank_rollout_groups(run, step, batch_prompts, lo, hi, ro)
 
@@ -109,7 +114,8 @@ def ppo_step(run: PPORun, step: int) -> dict:
         # Trick: missing-EOS penalty on answers cut at max_new_tokens.
         scores = apply_missing_eos_penalty(ro.score, ro.ended, cfg.missing_eos_penalty)
         if not _finite(scores):
-            raise _NonFiniteStep("reward-model scores", next_cursor)
+            raise _NonFiniteStep("reward-model scores" if run.group_reward is None else "ranking rewards",
+                                 next_cursor)
         # Per-token KL penalty to the reference (k1 = log pi - log pi_ref), score on the last token.
         kl = per_token_kl(ro.logp, ro.ref_logp) * ro.mask
         kl_coef = run.kl_ctl.value
@@ -155,6 +161,9 @@ def ppo_step(run: PPORun, step: int) -> dict:
         "time/step_s": elapsed,
         "tokens/s": float(ro.mask.sum()) / max(elapsed, 1e-9),
     }
+    if run.group_reward is not None:
+        # Groups whose answers were all equally central (e.g. identical): they gave no signal.
+        row["reward/flat_groups"] = float((ro.score.view(-1, cfg.samples_per_prompt) == 0).all(1).float().mean())
     if run.ranking_pool is not None:
         pool_stats = run.ranking_pool.stats()
         row["ranking/queue_depth"] = pool_stats.get("queue_depth")
@@ -273,10 +282,14 @@ def prompt_indices(n_prompts: int, cursor: int, size: int, seed: int) -> tuple[l
 
 
 # ---- the loop ------------------------------------------------------------------------------------
-def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, rm_folder: Path, out_folder: Path,
-              *, resume: bool = False, ranking_pool=None, online_rm: bool = False,
+def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, rm_folder: Path | None,
+              out_folder: Path, *, resume: bool = False, ranking_pool=None, online_rm: bool = False,
               log_step: Callable[[dict, int], None] | None = None) -> dict:
     """Run PPO; write ``actor/``, ``critic/``, ``checkpoint/`` and ``log.jsonl`` under ``out_folder``.
+
+    ``rm_folder`` None: no reward model (the str_direct variant): every step ranks each prompt's
+    ``samples_per_prompt`` answers against each other (``config.ranking``) and rewards each answer with
+    its TextRank centrality standardised within the group.
 
     ``ranking_pool`` (optional; under a launcher each process's handle on its node's pool) receives
     every step's rollout groups asynchronously, each process submitting the groups of its own prompts;
@@ -291,9 +304,14 @@ def train_ppo(config: ExperimentConfig, prompts: list[str], actor_folder: Path, 
         raise ValueError("online_rm needs a ranking_pool")
     if online_rm and cfg.online_rm_every < 1:
         raise UserError("ppo.online_rm_every: must be >= 1 for the online reward-model variant")
+    if online_rm and rm_folder is None:
+        raise ValueError("online_rm needs a reward model to refresh")
+    if rm_folder is None and cfg.samples_per_prompt < DIRECT_MIN_GROUP:
+        raise UserError(DIRECT_GROUP_ERROR.format(cfg.samples_per_prompt))
     check_layout(cfg, dist.world_size())
     out_folder = Path(out_folder)
-    run = start_run(config, prompts, Path(actor_folder), Path(rm_folder), out_folder, resume, ranking_pool, online_rm)
+    run = start_run(config, prompts, Path(actor_folder), None if rm_folder is None else Path(rm_folder), out_folder,
+                    resume, ranking_pool, online_rm)
     acc, progress = run.acc, run.progress
     main = acc.is_main_process
     log_path = out_folder / LOG_FILE
@@ -374,13 +392,14 @@ def _restart_log(path: Path, keep_until_step: int) -> None:
 
 
 def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) -> dict:
-    """The PPO stage: one policy per STR variant (``ppo/<variant>/``), each against its own reward model.
-    Collective: the online variant ranks its rollouts through the node's pool."""
+    """The PPO stage: one policy per STR variant (``ppo/<variant>/``), each against its own reward model
+    (str_direct: none, it ranks each rollout group itself). Collective: the online variant ranks its
+    rollouts through the node's pool."""
     sft_model = run.require("sft") / "model"
     prompts = [ex.prompt for ex in load_prompted_task(config, sft_model).train]
 
     def train_one(variant: str, stage: str) -> dict:
-        rm_folder = run.require(f"reward/{variant}") / "model"
+        rm_folder = run.require(f"reward/{variant}") / "model" if VARIANTS[variant].needs_reward_model else None
         log_step = ctx.hooks.stage_log("ppo", f"{variant}/")
         if not VARIANTS[variant].online_rm:
             return train_ppo(config, prompts, sft_model, rm_folder, run.stage(stage), resume=resume,

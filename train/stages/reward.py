@@ -332,7 +332,8 @@ def _reference_samples(ranked_path: Path) -> tuple[list[str], list[str]]:
 
 
 def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) -> dict:
-    """The reward stage: one reward model per STR variant (``reward/<variant>/model``). Collective."""
+    """The reward stage: one reward model per STR variant that has one (``reward/<variant>/model``; none
+    for str_direct). Collective."""
     sample = run.require("sample")
     sft_model = run.require("sft") / "model"
     prompts, responses = _reference_samples(sample / "ranked.jsonl")
@@ -350,4 +351,11 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) 
                                                                      sample / "ranked.jsonl"), "reward")
         return summary
 
-    return per_variant(config, run, "reward", train_one)
+    # Variants without a reward model (str_direct) have nothing to train here: no reward/<variant>/.
+    with_rm = [v for v in config.variants if VARIANTS[v].needs_reward_model]
+    summary = per_variant(config, run, "reward", train_one, variants=with_rm)
+    without = {v: f"no reward model: {v} ranks rollouts directly" for v in config.variants if v not in with_rm}
+    if without:
+        log.info("reward: %s", "; ".join(without.values()))
+        summary["without_reward_model"] = without
+    return summary

@@ -27,7 +27,7 @@ from selfrank.train.stages.ppo import train_ppo  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sft", required=True)
-    parser.add_argument("--rm", required=True)
+    parser.add_argument("--rm", required=True, help="reward model folder, or 'none' (str_direct: rank each group)")
     parser.add_argument("--prompts", required=True, help="JSON list of prompts")
     parser.add_argument("--out", required=True)
     parser.add_argument("--ppo", default="{}")
@@ -45,7 +45,8 @@ def main() -> None:
     acc = dist.get_accelerator(mixed_precision=config.model.mixed_precision)
     started = time.perf_counter()
     steps_run: list[int] = []  # the steps this launch ran (a resumed one starts after its checkpoint)
-    summary = train_ppo(config, prompts, Path(args.sft), Path(args.rm), Path(args.out), resume=args.resume,
+    rm = None if args.rm == "none" else Path(args.rm)
+    summary = train_ppo(config, prompts, Path(args.sft), rm, Path(args.out), resume=args.resume,
                         log_step=lambda row, step: steps_run.append(step))
     seconds = time.perf_counter() - started
     # ru_maxrss is in KiB on Linux: this process's peak resident memory.
