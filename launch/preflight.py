@@ -7,6 +7,7 @@ nodes x GPUs per node, ``selfrank experiment`` for every run of the grid):
 
 * batch layouts against the world size (each check lives beside the maths it protects:
   ``train.stages.sft.check_batch_layout``, ``train.stages.ppo.check_layout``);
+* the launcher's precision (``--mixed_precision``, a DeepSpeed JSON) against ``model.mixed_precision``;
 * group sizes against the ranking pairs' interval (the online variant ranks PPO's own groups);
 * what the run folder already holds (``train.pipeline.plan_stages``: nothing finished is replaced,
   and no checkpoint discarded, without consent);
@@ -26,11 +27,13 @@ log = logging.getLogger(__name__)
 
 def check_world(config: ExperimentConfig, world: int) -> None:
     """Every check that depends only on the config and the number of processes."""
+    from selfrank.train.precision import check_precision_request
     from selfrank.train.stages.ppo import check_layout
     from selfrank.train.stages.sft import check_batch_layout
 
     if world < 1:
         raise UserError(f"world size: must be >= 1, got {world}")
+    check_precision_request(config.model.mixed_precision)  # the launcher's precision vs the config's
     check_batch_layout(config.sft, world)
     check_layout(config.ppo, world)
     check_group_sizes(config)

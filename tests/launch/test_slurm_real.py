@@ -145,7 +145,7 @@ def test_a_selfrank_job_gets_its_overrides(cluster, tmp_path, monkeypatch):
     config.write_text(yaml.safe_dump({
         "name": "slurmjob", "output_dir": str(tmp_path / "runs"), "torch_threads": 1,
         "task": {"synthetic": {"n_train": 32, "n_validation": 8, "n_test": 8}},
-        "model": {"tiny": {"n_embd": 32, "n_head": 2, "n_positions": 64, "vocab_size": 400}},
+        "model": {"tiny": {"n_embd": 32, "n_head": 2, "n_positions": 128, "vocab_size": 400}},
         "sft": {"batch_size": 8, "block_size": 64}}))
     note = "no answer's here"
     assert main(["slurm", str(config), "--cpu", "--stage", "sft", "--time", "00:10:00",
