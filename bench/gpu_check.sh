@@ -12,6 +12,11 @@
 #
 #   bash bench/gpu_check.sh [--out DIR] [--stages "zero2 zero3"] [--embedder NAME] [--precision bf16|no]
 #   bash bench/gpu_check.sh --cpu --tiny     # the same wiring on CPU (gloo, bf16, 2 processes, tiny model)
+#
+# The pre-trained SmolLM2-135M-Instruct at full size (configs/smollm2_<task>.yaml, bf16), after the runs
+# above or alone: --smollm2 "squad_v2 dailydialog" [--smollm2-only] [--set KEY=VALUE ...] (overrides for
+# those runs, e.g. --set ppo.steps=50 to fit a time budget); each ends with its report table, and its run
+# folder is OUT/runs/gpu-smollm2-<task>/. --dry-run: only the preflight of those runs (nothing trained).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,6 +27,10 @@ CPU=0
 TINY=0
 EMBEDDER="lexical"
 PRECISION=bf16
+SMOLLM2=""
+SMOLLM2_ONLY=0
+DRY_RUN=0
+SETS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
@@ -30,7 +39,11 @@ while [[ $# -gt 0 ]]; do
     --precision) PRECISION="$2"; shift 2 ;;
     --cpu) CPU=1; shift ;;
     --tiny) TINY=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --smollm2) SMOLLM2="$2"; shift 2 ;;
+    --smollm2-only) SMOLLM2_ONLY=1; RUNS=""; shift ;;
+    --set) SETS+=(--set "$2"); shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -92,4 +105,22 @@ JSON
   grep -E "^ *$RUN " "$OUT/$RUN.log" || true
   echo "gpu_check: $RUN done in $(( $(date +%s) - started )) s"
 done
-echo "gpu_check: results in $OUT/gpu_check_*.json"
+[[ -n "$RUNS" ]] && echo "gpu_check: results in $OUT/gpu_check_*.json"
+
+for TASK in $SMOLLM2; do
+  TASK_CONFIG="$REPO/configs/smollm2_$TASK.yaml"
+  [[ -f "$TASK_CONFIG" ]] || { echo "gpu_check: no config $TASK_CONFIG (squad_v2, dailydialog)" >&2; exit 2; }
+  DRY=()
+  [[ $DRY_RUN -eq 1 ]] && DRY=(--dry-run)
+  ON_CPU=()
+  [[ $CPU -eq 1 ]] && ON_CPU=(--cpu)
+  PORT=$(( 29500 + RANDOM % 2000 ))
+  started=$(date +%s)
+  # The configs name ../shared/data relative to the repository: run from there.
+  (cd "$REPO" && "$ACCELERATE" launch ${ON_CPU[@]+"${ON_CPU[@]}"} --num_processes "$NPROC" --num_machines 1 \
+    --mixed_precision no --dynamo_backend no --main_process_port "$PORT" -m selfrank run "$TASK_CONFIG" \
+    --set "name=gpu-smollm2-$TASK" --set "output_dir=$OUT/runs" ${SETS[@]+"${SETS[@]}"} ${DRY[@]+"${DRY[@]}"}) \
+    > "$OUT/smollm2_$TASK.log" 2>&1 || { tail -n 60 "$OUT/smollm2_$TASK.log" >&2; echo "gpu_check: smollm2 $TASK failed (log: $OUT/smollm2_$TASK.log)" >&2; exit 1; }
+  grep -E "^\||^report:|^checks passed" "$OUT/smollm2_$TASK.log" || true
+  echo "gpu_check: smollm2 $TASK done in $(( $(date +%s) - started )) s"
+done
