@@ -9,7 +9,8 @@ and are used for nothing but this report: a gain that holds on them is not a pro
 
 Each world is one `selfrank run configs/demo.yaml` with `seed` and `task.synthetic.seed` set to the
 world's number, in runs/demo-world-<N>/ (resumed if it exists). The last lines are a Markdown table:
-EM x100 of each system minus SFT on the world's 1000 test examples, paired 95% bootstrap CI.
+EM x100 of each system minus SFT (sampled rows) or minus SFT greedy (greedy rows) on the world's 1000
+test examples, paired 95% bootstrap CIs.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WORLDS = (101, 202, 303)  # fixed in advance; never used to choose a setting
-ROWS = ("str", "str_noise", "sft_greedy", "sft_majority")
+# (row, baseline): sampled rows against SFT sampling; greedy rows against SFT greedy.
+COLUMNS = (("str", "sft"), ("str_noise", "sft"), ("sft_greedy", "sft"), ("sft_majority", "sft"),
+           ("str_greedy", "sft_greedy"), ("str_noise_greedy", "sft_greedy"))
 
 
 def run_world(world: int, runs: Path) -> dict:
@@ -33,8 +36,8 @@ def run_world(world: int, runs: Path) -> dict:
     return json.loads((runs / name / "eval" / "report.json").read_text())
 
 
-def cell(report: dict, row: str) -> str:
-    diff = (report.get("paired_vs_sft") or {}).get(row, {}).get("em")
+def cell(report: dict, row: str, baseline: str) -> str:
+    diff = (report.get(f"paired_vs_{baseline}") or {}).get(row, {}).get("em")
     if diff is None:
         return "n/a"
     return f"{diff['diff'] * 100:+.1f} [{diff['low'] * 100:+.1f}, {diff['high'] * 100:+.1f}]"
@@ -46,11 +49,11 @@ def main() -> int:
     parser.add_argument("--runs", type=Path, default=REPO / "runs", help="where the run folders go")
     args = parser.parse_args()
     reports = {world: run_world(world, args.runs.resolve()) for world in args.worlds}
-    print("| world | SFT EM | " + " | ".join(f"{row} - SFT" for row in ROWS) + " |")
-    print("|---|---|" + "---|" * len(ROWS))
+    print("| world | SFT EM | " + " | ".join(f"{row} - {base}" for row, base in COLUMNS) + " |")
+    print("|---|---|" + "---|" * len(COLUMNS))
     for world, report in reports.items():
         sft = report["rows"]["sft"]["metrics"]["em"]["mean"] * 100
-        print(f"| {world} | {sft:.1f} | " + " | ".join(cell(report, row) for row in ROWS) + " |")
+        print(f"| {world} | {sft:.1f} | " + " | ".join(cell(report, row, base) for row, base in COLUMNS) + " |")
     return 0
 
 

@@ -92,6 +92,7 @@ def _per_example(eval_dir: Path, row: str, metric: str) -> np.ndarray:
 def pool_task(run_dirs: list[Path], grid: GridConfig) -> dict:
     """One task's rows pooled over seeds: per cell the mean over seeds x examples and its bootstrap CI,
     plus each row's paired difference to SFT (examples resampled, seeds averaged per example)."""
+    from selfrank.train.evaluation.controls import paired_sets
     from selfrank.train.evaluation.metrics import bootstrap_ci, paired_bootstrap_diff
 
     reports = [json.loads((d / "eval" / "report.json").read_text()) for d in run_dirs]
@@ -112,12 +113,8 @@ def pool_task(run_dirs: list[Path], grid: GridConfig) -> dict:
         corpus = [r["rows"][row].get("corpus_bleu") for r in reports]
         pooled["rows"][row] = {"metrics": cells, "corpus_bleu": float(np.mean([c for c in corpus if c is not None]))
                                if any(c is not None for c in corpus) else None}
-    if "sft" in per_row:
-        for row in rows:
-            if row != "sft":
-                pooled["paired_vs_sft"][row] = {
-                    m: paired_bootstrap_diff(per_row[row][m], per_row["sft"][m], grid.bootstrap, grid.confidence, 0)
-                    for m in metrics}
+    pooled.update(paired_sets(rows, per_row.__getitem__, lambda a, b: {
+        m: paired_bootstrap_diff(a[m], b[m], grid.bootstrap, grid.confidence, 0) for m in metrics}))
     pooled["agreement"] = [r.get("agreement") for r in reports]
     return pooled
 
@@ -186,7 +183,9 @@ def _verdicts(pooled: dict) -> list[str]:
     """Plain-words reading of each STR row against SFT (full fine-tuning), from the paired CIs."""
     return [f"- {row} {metric}: {_diff_ci(d)} x100 -> {_VERDICT_WORDS[_direction(d)]}"
             for row, diffs in pooled["paired_vs_sft"].items() if row.startswith("str")
-            for metric, d in diffs.items()]
+            for metric, d in diffs.items()] + [
+        f"- {row} {metric} (greedy, vs SFT greedy): {_diff_ci(d)} x100 -> {_VERDICT_WORDS[_direction(d)]}"
+        for row, diffs in (pooled.get("paired_vs_sft_greedy") or {}).items() for metric, d in diffs.items()]
 
 
 def environment() -> dict:
@@ -223,6 +222,10 @@ def _summary_lines(tasks: dict[str, dict], sweeps: dict[str, dict]) -> list[str]
                     if row in ("sft_greedy", "sft_majority") and metric in diffs]
         if controls:  # what SFT reaches by decoding alone, beside STR's gain
             line += "; controls: SFT " + ", SFT ".join(controls)
+        greedy = [f"{row} {_diff_ci(diffs[metric])}" for row, diffs in
+                  (pooled.get("paired_vs_sft_greedy") or {}).items() if metric in diffs]
+        if greedy:  # the same comparison at equal (greedy) decoding
+            line += "; decoding greedily, vs SFT greedy: " + "; ".join(greedy)
         cells = (sweeps.get(task) or {}).get("cells") or []
         if cells:
             cell = max((c for c in cells if c["embedder"] == cells[0]["embedder"]), key=lambda c: c["k"])

@@ -21,7 +21,8 @@ def test_grid_smoke_on_real_squad(tmp_path, repo_root, shared_data, monkeypatch)
                                                                          embedders=["lexical"]))
     results = run_grid(grid)
     pooled = results["tasks"]["tiny_squad_v2"]
-    assert list(pooled["rows"]) == ["original", "sft", "bitfit", "str", "str_noise", "sft_greedy", "sft_majority"]
+    assert list(pooled["rows"]) == ["original", "sft", "bitfit", "str", "str_noise", "sft_greedy", "sft_majority",
+                                     "str_greedy", "str_noise_greedy"]
     for row in pooled["rows"].values():
         for cell in row["metrics"].values():
             assert cell["low"] <= cell["mean"] <= cell["high"]
@@ -39,6 +40,7 @@ def test_grid_smoke_on_real_squad(tmp_path, repo_root, shared_data, monkeypatch)
     text = doc.read_text()
     assert "Agreement sweep" in text and "| lexical | 4 |" in text
     assert "controls: SFT greedy" in text and "SFT majority" in text
+    assert "decoding greedily, vs SFT greedy: str_greedy" in text
     assert "## Reading the results\n\nWhat held and what did not." in text
     summary = text.split("## Summary")[1].split("##")[0]
     assert "**tiny_squad_v2** (em x100 vs SFT): str " in summary and "TextRank's top answer vs a random one (lexical, K=4)" in summary

@@ -66,7 +66,7 @@ def _generations(out, row):
 
 def test_rows_metrics_and_generations(run_folder):
     config, results, out = run_folder
-    assert list(results["rows"]) == ["original", "sft", "str", "sft_greedy", "sft_majority"]
+    assert list(results["rows"]) == ["original", "sft", "str", "sft_greedy", "sft_majority", "str_greedy"]
     assert results["n_examples"] == 6  # capped by eval.max_examples
     for name, row in results["rows"].items():
         gens = _generations(out, name)
@@ -114,6 +114,10 @@ def test_control_rows_are_the_sft_models_greedy_and_majority_answers(run_folder)
     prompts = [ex.prompt for ex in _examples()[:6]]
     greedy = generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=config.eval.max_new_tokens).texts
     assert [g["generation"] for g in _generations(out, "sft_greedy")] == greedy
+    # the STR row (here the original weights) decoding greedily
+    model, tokenizer = load_model(Path(results["rows"]["str"]["model"]), config.model)
+    greedy = generate(model, tokenizer, prompts, do_sample=False, max_new_tokens=config.eval.max_new_tokens).texts
+    assert [g["generation"] for g in _generations(out, "str_greedy")] == greedy
     k = config.sample.samples_per_prompt  # eval.majority_samples unset: STR's K
     majority = _generations(out, "sft_majority")
     assert all(len(g["candidates"]) == k for g in majority)
@@ -122,6 +126,7 @@ def test_control_rows_are_the_sft_models_greedy_and_majority_answers(run_folder)
     assert results["rows"]["sft_majority"]["decoding"].startswith(f"majority of {k} sampled")
     report = (out / "report.md").read_text()
     assert "SFT greedy (control)" in report and "SFT majority vote (control)" in report
+    assert "| STR, greedy |" in report and "| system - SFT greedy |" in report
 
 
 def test_majority_pick_counts_normalised_answers_then_lexical_consensus():
@@ -139,6 +144,11 @@ def test_paired_differences_against_sft(run_folder):
     _, results, _ = run_folder
     paired = results["paired_vs_sft"]
     assert set(paired) == {"original", "str", "sft_greedy", "sft_majority"}
+    greedy_pairs = results["paired_vs_sft_greedy"]  # a trained row decoding greedily against SFT greedy
+    assert set(greedy_pairs) == {"str_greedy"}
+    for m, d in greedy_pairs["str_greedy"].items():
+        expected = results["rows"]["str_greedy"]["metrics"][m]["mean"] - results["rows"]["sft_greedy"]["metrics"][m]["mean"]
+        assert d["diff"] == pytest.approx(expected)
     for name in ("original", "str"):
         for m, d in paired[name].items():
             expected = results["rows"][name]["metrics"][m]["mean"] - results["rows"]["sft"]["metrics"][m]["mean"]

@@ -32,8 +32,9 @@ def test_full_pipeline_writes_every_stage_and_skips_complete_ones(tmp_path):
     assert len(pairs) == summaries["sample"]["pairs"]
     assert (run.root / "ppo" / "str" / "actor" / "model.safetensors").is_file()
     report = json.loads((run.root / "eval" / "report.json").read_text())
-    assert list(report["rows"]) == ["original", "sft", "bitfit", "str", "str_noise", "sft_greedy", "sft_majority"]
-    assert [name for name, _ in eval_rows(config, run)] == list(report["rows"])[:-2]  # then the two controls
+    assert list(report["rows"]) == ["original", "sft", "bitfit", "str", "str_noise", "sft_greedy", "sft_majority",
+                                     "str_greedy", "str_noise_greedy"]
+    assert [name for name, _ in eval_rows(config, run)] == list(report["rows"])[:-4]  # then the controls, greedy twins
 
     stamps = {p: p.stat().st_mtime_ns for p in run.root.rglob("DONE.json")}
     again = run_pipeline(config)

@@ -11,6 +11,9 @@ Two rows from the SFT model tell those apart from a learned gain:
   highest mean word-overlap F1 with the rest of its group (the lexical consensus pick, i.e. minimum
   Bayes risk under F1), then to the earliest. Same K and decoding as STR's groups: this is what
   "rank K samples and keep the consensus answer" gives without any reward model or PPO.
+
+Each STR variant is decoded greedily too (``<variant>_greedy``) and paired against SFT greedy, so a gain
+can be read at equal decoding: sampled vs sampled (against SFT) and greedy vs greedy (against SFT greedy).
 """
 from __future__ import annotations
 
@@ -21,6 +24,32 @@ from selfrank.train.evaluation.metrics import normalize_answer
 
 GREEDY_ROW = "sft_greedy"
 MAJORITY_ROW = "sft_majority"
+GREEDY_SUFFIX = "_greedy"
+# Each STR variant is also decoded greedily (row ``<variant>_greedy``) and paired against SFT greedy: a
+# gain that survives there is not "PPO made sampling greedier".
+PAIRED_BASELINES = {"paired_vs_sft": "sft", "paired_vs_sft_greedy": GREEDY_ROW}
+
+
+def greedy_twin(row: str) -> str:
+    return row + GREEDY_SUFFIX
+
+
+def paired_baseline(row: str) -> str:
+    """The row a row is paired against: SFT greedy for a greedy twin of a trained row, else SFT."""
+    return GREEDY_ROW if row.endswith(GREEDY_SUFFIX) and row != GREEDY_ROW else "sft"
+
+
+def paired_sets(rows, scores_of, diff) -> dict[str, dict]:
+    """``{"paired_vs_sft": {row: diff(row, "sft")}, "paired_vs_sft_greedy": {...}}`` for every row whose
+    baseline (:func:`paired_baseline`) is among ``rows``; ``diff(a, b)`` computes the per-metric CIs."""
+    out: dict[str, dict] = {key: {} for key in PAIRED_BASELINES}
+    for key, base in PAIRED_BASELINES.items():
+        if base not in rows:
+            continue
+        for row in rows:
+            if row != base and paired_baseline(row) == base:
+                out[key][row] = diff(scores_of(row), scores_of(base))
+    return out
 
 
 def _overlap_f1(a: list[str], b: list[str]) -> float:

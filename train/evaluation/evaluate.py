@@ -25,7 +25,7 @@ from selfrank.errors import UserError
 from selfrank.jsonl import read_jsonl
 
 from selfrank.train.evaluation.agreement import AgreementGroup, agreement_study
-from selfrank.train.evaluation.controls import GREEDY_ROW, MAJORITY_ROW, majority_answers
+from selfrank.train.evaluation.controls import GREEDY_ROW, MAJORITY_ROW, greedy_twin, majority_answers, paired_sets
 from selfrank.train.config import ExperimentConfig
 from selfrank.train.evaluation.metrics import EXACT_ANSWER_TASKS, QA_METRICS, TEXT_METRICS, bootstrap_ci, corpus_bleu, meteor, paired_bootstrap_diff, score_examples, tokenize
 from selfrank.train.evaluation.report import CURVE_KEYS, write_report
@@ -297,13 +297,17 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
             if dist.is_main():
                 score_row(name, folders[BASELINE_ROW], texts, 1, how, candidates)
 
-    if BASELINE_ROW in per_example:
-        base = per_example[BASELINE_ROW]
-        for name, scores in per_example.items():
-            if name != BASELINE_ROW:
-                results["paired_vs_sft"][name] = {
-                    m: paired_bootstrap_diff(scores[m], base[m], ev.bootstrap, ev.confidence, ev.seed)
-                    for m in metric_names}
+    if ev.controls and ev.do_sample and BASELINE_ROW in folders:  # each STR variant decoding greedily
+        for name, folder in [(name, folder) for name, folder in rows if name in config.variants]:
+            texts = generate_batches(config, folder, prompts, n=1, per_call=ev.batch_size, seed=ev.seed,
+                                     decoding={"do_sample": False, "max_new_tokens": ev.max_new_tokens},
+                                     desc=f"eval {name} greedy", group=group)
+            if dist.is_main():
+                score_row(greedy_twin(name), folder, texts, 1, "greedy")
+
+    if dist.is_main():
+        results.update(paired_sets(list(per_example), per_example.__getitem__, lambda a, b: {
+            m: paired_bootstrap_diff(a[m], b[m], ev.bootstrap, ev.confidence, ev.seed) for m in metric_names}))
 
     study = ev.agreement_groups > 0 and BASELINE_ROW in folders
     if study:

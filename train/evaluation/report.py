@@ -79,7 +79,17 @@ MIN_BLEU_TOKENS = 4
 def row_title(name: str) -> str:
     if name.startswith("sft_"):  # baselines are named sft_<method>
         return ROW_TITLES.get(name[4:], name[4:])
+    if name.endswith("_greedy") and name[:-7] in ROW_TITLES:  # a trained row decoding greedily
+        return f"{ROW_TITLES[name[:-7]]}, greedy"
     return ROW_TITLES.get(name, name)
+
+
+def _row_help(name: str) -> str:
+    base = name[4:] if name.startswith("sft_") else name
+    if base.endswith("_greedy") and base[:-7] in ROW_HELP:
+        return (f"the {row_title(base[:-7])} model decoding greedily, paired against SFT greedy (the table after "
+                "the paired differences to SFT)")
+    return ROW_HELP.get(base, "a model evaluated like the others")
 
 
 def table_columns(task_kind: str) -> tuple[str, ...]:
@@ -138,8 +148,7 @@ def how_to_read(results: dict) -> str:
     conf = int(results.get("confidence", 0.95) * 100)
     lines = ["**Systems** (rows):"]
     for name in results.get("rows", {}):
-        base = name[4:] if name.startswith("sft_") else name
-        lines.append(f"- {row_title(name)}: {ROW_HELP.get(base, 'a model evaluated like the others')}.")
+        lines.append(f"- {row_title(name)}: {_row_help(name)}.")
     lines += ["", f"**Columns**: each cell is the mean over the test examples, x100, with its {conf}% bootstrap "
                   "interval [low, high]:"]
     for col in table_columns(results.get("task_kind", "")):
@@ -169,12 +178,12 @@ def how_to_read(results: dict) -> str:
     return "\n".join(lines)
 
 
-def format_paired(results: dict) -> str:
-    paired = results.get("paired_vs_sft") or {}
+def format_paired(results: dict, key: str = "paired_vs_sft", baseline: str = "SFT") -> str:
+    paired = results.get(key) or {}
     if not paired:
         return ""
     columns = [c for c in table_columns(results.get("task_kind", "")) if any(c in p for p in paired.values())]
-    lines = ["| system - SFT | " + " | ".join(COLUMN_TITLES[c] for c in columns) + " |",
+    lines = [f"| system - {baseline} | " + " | ".join(COLUMN_TITLES[c] for c in columns) + " |",
              "|" + "---|" * (len(columns) + 1)]
     for name, diffs in paired.items():
         cells = []
@@ -350,6 +359,8 @@ def write_report(out_folder: str | Path, results: dict) -> dict[str, Path]:
     sections = [f"# Evaluation ({results.get('task_kind', '?')})", "", "## How to read this report", "",
                 how_to_read(results), "", "## Results", "", format_table(results), ""]
     for title, body in (("Paired differences to SFT (x100, bootstrap over examples)", format_paired(results)),
+                        ("Decoding greedily: paired differences to SFT greedy (x100)",
+                         format_paired(results, "paired_vs_sft_greedy", "SFT greedy")),
                         ("Ranking agreement with the reference order (METEOR to the gold answers)",
                          format_agreement(results.get("agreement"))),
                         ("PPO reward and KL", format_curves(curves))):
