@@ -35,6 +35,12 @@ def test_full_pipeline_writes_every_stage_and_skips_complete_ones(tmp_path):
     assert list(report["rows"]) == ["original", "sft", "bitfit", "str", "str_noise", "sft_greedy", "sft_majority",
                                      "str_greedy", "str_noise_greedy"]
     assert [name for name, _ in eval_rows(config, run)] == list(report["rows"])[:-4]  # then the controls, greedy twins
+    # each earlier stage's wall time as its DONE.json recorded it, then eval's own
+    assert list(report["stage_seconds"]) == ["sft", "sample", "reward", "ppo", "eval"]
+    for stage in ("sft", "sample", "reward", "ppo"):
+        assert report["stage_seconds"][stage] == run.summary(stage)["stage_seconds"] > 0
+    assert 0 < report["stage_seconds"]["eval"] <= run.summary("eval")["stage_seconds"]
+    assert "## Wall time per stage" in (run.root / "eval" / "report.md").read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in run.root.rglob("DONE.json")}
     again = run_pipeline(config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -226,13 +227,15 @@ def control_rows(config: ExperimentConfig, sft_folder: Path, prompts: Sequence[s
 
 def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], examples: list, out_folder: Path, *,
                   reward_folders: dict[str, Path] | None = None, ppo_logs: dict[str, Path] | None = None,
-                  task_kind: str, group=None) -> dict | None:
+                  task_kind: str, group=None, stage_seconds: dict[str, float | None] | None = None) -> dict | None:
     """Score every ``(name, model folder)`` row on ``examples``, run the ranking study, write the report.
 
     Returns the results dict that ``train.evaluation.report.write_report`` renders (also saved as ``report.json``).
     Under a launcher (``group``: the job's process group) every process generates a share of each
     row's answers; the main process scores them and writes the report; the others return None.
+    ``stage_seconds``: the earlier stages' wall times, reported beside this one's.
     """
+    started = time.perf_counter()
     from selfrank.train import dist
 
     ev = config.eval
@@ -331,5 +334,7 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
         else:
             log.warning("eval: PPO log %s not found; no curves for %s", path, name)
 
+    results["stage_seconds"] = {**{k: v for k, v in (stage_seconds or {}).items() if isinstance(v, (int, float))},
+                                "eval": time.perf_counter() - started}
     write_report(out, results)
     return results

@@ -195,6 +195,22 @@ def format_paired(results: dict, key: str = "paired_vs_sft", baseline: str = "SF
     return "\n".join(lines)
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def format_stage_times(results: dict) -> str:
+    """One line: each stage's wall time (a resumed stage: its last run), as the run recorded it."""
+    times = results.get("stage_seconds") or {}
+    if not times:
+        return ""
+    parts = [f"{stage} {_duration(seconds)}" for stage, seconds in times.items()]
+    return (" · ".join(parts) + f" (total {_duration(sum(times.values()))}; eval up to this report; a resumed "
+            "stage counts its last run only)")
+
+
 def format_agreement(agreement: dict | None) -> str:
     """Exact-order match and Kendall tau per scorer, on all answers and on ISODATA representatives."""
     if not agreement or not agreement.get("scorers"):
@@ -363,7 +379,8 @@ def write_report(out_folder: str | Path, results: dict) -> dict[str, Path]:
                          format_paired(results, "paired_vs_sft_greedy", "SFT greedy")),
                         ("Ranking agreement with the reference order (METEOR to the gold answers)",
                          format_agreement(results.get("agreement"))),
-                        ("PPO reward and KL", format_curves(curves))):
+                        ("PPO reward and KL", format_curves(curves)),
+                        ("Wall time per stage", format_stage_times(results))):
         if body:
             sections += [f"## {title}", "", body, ""]
     decoding = results.get("decoding")

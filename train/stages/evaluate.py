@@ -25,9 +25,12 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) 
     examples = load_prompted_task(config, run.require("sft") / "model").test
     reward_folders = {v: run.path(f"reward/{v}") / "model" for v in config.variants if run.is_done(f"reward/{v}")}
     ppo_logs = {v: run.path(f"ppo/{v}") / "log.jsonl" for v in config.variants if run.is_done(f"ppo/{v}")}
+    # Wall time of the stages before this one (their last run, when resumed), shown in the report.
+    stage_seconds = {stage: run.summary(stage).get("stage_seconds") for stage in ("sft", "sample", "reward", "ppo")
+                     if run.is_done(stage)}
     results = evaluate_rows(config, eval_rows(config, run), examples, run.stage("eval"),
                             reward_folders=reward_folders, ppo_logs=ppo_logs, task_kind=config.task.kind,
-                            group=ctx.barrier.group)
+                            group=ctx.barrier.group, stage_seconds=stage_seconds)
     if results is None:  # another process: the main one scores and reports
         return None
     ctx.hooks.log(eval_metrics(results), 0, "eval")
