@@ -289,3 +289,15 @@ def test_local_files_load_offline_and_hub_revision_is_a_setting(tmp_path):
     assert datasets.config.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE
     with pytest.raises(UserError, match="ppo.prompts: must be a file path"):
         PPOConfig(prompts=" ")
+
+
+def test_readme_data_example_is_a_valid_config(tmp_path, repo_root):
+    body = (repo_root / "README.md").read_text(encoding="utf-8").split("\n## Data\n", 1)[1].split("\n## ", 1)[0]
+    settings = yaml.safe_load(body.split("```yaml\n", 1)[1].split("```", 1)[0])
+    cfg = build(ExperimentConfig, settings)
+    assert cfg.task.columns.name("context") == "passage" and cfg.ppo.prompts
+    # its prompts-only rows, as the comment says, read with its column mapping
+    path = _write([{"passage": "Paris is in France.", "query": "Where is Paris?"}, {"prompt": "Name a city."}],
+                  tmp_path / "unlabelled_questions.jsonl")
+    parts = [p for _, p in read_prompt_file(str(path), cfg.task)]
+    assert parts[0].question == "Where is Paris?" and parts[1].context == ("Name a city.",)
