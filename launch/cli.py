@@ -249,6 +249,12 @@ def _quiet_libraries(verbose: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:
         pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()  # the per-file "Generating train split" bars of Parquet/CSV/hub data
+    except ImportError:
+        pass
     for name in ("httpx", "urllib3", "filelock", "datasets", "sentence_transformers", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -70,6 +70,10 @@ def check_reachable(config: ExperimentConfig, stages: list[str]) -> None:
     from selfrank.train.models.preflight import check_policy_settings
 
     data = load_task(config.task) if any(stage != "reward" for stage in stages) else None
+    if "ppo" in stages and config.ppo.prompts is not None:
+        from selfrank.train.data.ppo_prompts import read_prompt_file
+
+        read_prompt_file(config.ppo.prompts, config.task)  # every row checked; rendered when PPO starts
     if "sft" in stages:
         check_model_source(config.model)
     if stages:

@@ -122,14 +122,72 @@ class PromptFormat:
             check_range("task.prompt.max_tokens", self.max_tokens, 8)
 
 
+# Which column of a data row holds each part of an example (train/data/rows.py). None: the default name.
+# qa: id, title, context (the passage), question, answers (a list of strings, or SQuAD's {"text": [...]}),
+# is_impossible. dialogue: turns (the context, a list of strings) and response; or messages (chat format:
+# a list of {"role", "content"}, the last one the assistant's answer); or prompt (one string) and response.
+QA_COLUMNS = ("id", "title", "context", "question", "answers", "is_impossible")
+DIALOGUE_COLUMNS = ("turns", "response", "messages", "prompt")
+COLUMN_DEFAULTS = {"id": "id", "title": "title", "context": "context", "question": "question",
+                   "answers": "answers", "is_impossible": "is_impossible", "turns": "context",
+                   "response": "response", "messages": "messages", "prompt": "prompt"}
+
+
+@dataclass
+class TaskColumns:
+    """Column names of the task's rows, for data whose columns are named otherwise (None: the default,
+    ``COLUMN_DEFAULTS``). A dialogue row's context is read from ``turns``, unless ``messages`` or
+    ``prompt`` is set (one of the three)."""
+    id: str | None = None
+    title: str | None = None
+    context: str | None = None
+    question: str | None = None
+    answers: str | None = None
+    is_impossible: str | None = None
+    turns: str | None = None
+    response: str | None = None
+    messages: str | None = None
+    prompt: str | None = None
+
+    def name(self, key: str) -> str:
+        """The column that holds ``key``."""
+        value = getattr(self, key)
+        return COLUMN_DEFAULTS[key] if value is None else value
+
+    def given(self) -> list[str]:
+        return [key for key in COLUMN_DEFAULTS if getattr(self, key) is not None]
+
+    def check(self, kind: str) -> None:
+        for key in self.given():
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                raise UserError(f"task.columns.{key}: must be a non-empty column name, got {value!r}")
+        own = {"qa": QA_COLUMNS, "dialogue": DIALOGUE_COLUMNS}.get(kind, ())
+        for key in self.given():
+            if key not in own:
+                raise UserError(f"task.columns.{key}: not a column of task.kind {kind!r} (its columns: "
+                                f"{', '.join(own) or 'none'})")
+        sources = [key for key in ("turns", "messages", "prompt") if getattr(self, key) is not None]
+        if len(sources) > 1:
+            raise UserError(f"task.columns: give one of turns, messages or prompt (the dialogue's context), "
+                            f"not {' and '.join(sources)}")
+        if self.messages is not None and self.response is not None:
+            raise UserError("task.columns.response: a messages row's response is its last (assistant) message")
+
+
 @dataclass
 class TaskConfig:
     kind: str = "synthetic"
-    # Local .json/.jsonl files or a hub dataset name (e.g. "squad_v2", "daily_dialog").
+    # Local .jsonl/.json/.parquet/.csv files or a hub dataset name (e.g. "rajpurkar/squad_v2"), read
+    # with `datasets` (train/data/sources.py); never a dataset script (trust_remote_code is never set).
     train: str | None = None
     validation: str | None = None
     test: str | None = None
     hub_config: str | None = None
+    # A hub dataset's revision (branch, tag or commit); "refs/convert/parquet" reads the hub's Parquet
+    # conversion of a script-based dataset.
+    hub_revision: str | None = None
+    columns: TaskColumns = field(default_factory=TaskColumns)
     max_train: int | None = None
     max_validation: int | None = None
     max_test: int | None = None
@@ -142,6 +200,7 @@ class TaskConfig:
         check_choice("task.kind", self.kind, TASK_KINDS)
         if self.kind != "synthetic" and not self.train:
             raise UserError(f"task.train: required for task.kind {self.kind!r}")
+        self.columns.check(self.kind)
         for name in ("max_train", "max_validation", "max_test"):
             if getattr(self, name) is not None:
                 check_range(f"task.{name}", getattr(self, name), 1)
@@ -354,9 +413,14 @@ class PPOConfig:
     # exactly 1), or "auto" (sampling for fp32 weights without autocast, forward otherwise).
     rollout_logprobs: str = "auto"
     sampler: str = "shared_prefix"  # see SAMPLERS
+    # A prompts-only file (.jsonl/.json/.parquet/.csv: rows with a "prompt", or "messages" ending with a
+    # user turn, or the task's own context columns) PPO draws its prompts from; None: the task's train split.
+    prompts: str | None = None
 
     def __post_init__(self):
         check_choice("ppo.sampler", self.sampler, SAMPLERS)
+        if self.prompts is not None and (not isinstance(self.prompts, str) or not self.prompts.strip()):
+            raise UserError(f"ppo.prompts: must be a file path, got {self.prompts!r}")
         check_choice("ppo.policy", self.policy, ("full", "lora"))
         check_choice("ppo.rollout_logprobs", self.rollout_logprobs, ("auto", "sampling", "forward"))
         check_choice("ppo.lr_schedule", self.lr_schedule, LR_SCHEDULES)

@@ -45,14 +45,20 @@ _NO_LIMIT = 10 ** 7
 
 @dataclass(frozen=True)
 class PromptParts:
-    """What a prompt is made of. ``context``: the dialogue turns (oldest first) or ``(passage,)``."""
+    """What a prompt is made of. ``context``: the dialogue turns (oldest first) or ``(passage,)``.
+    A chat-format dialogue (``messages`` rows) keeps each turn's ``roles`` and its own ``system``
+    message; without roles, turns alternate user/assistant ending with the user's."""
     kind: str  # "dialogue" or "qa"
     context: tuple[str, ...]
     question: str = ""
+    roles: tuple[str, ...] = ()  # one per context turn, or () for alternating turns
+    system: str | None = None  # the row's own system message (else task.prompt.system)
 
     def __post_init__(self):
         if self.kind not in ("dialogue", "qa"):
             raise ValueError(f"PromptParts.kind must be 'dialogue' or 'qa', got {self.kind!r}")
+        if self.roles and len(self.roles) != len(self.context):
+            raise ValueError("PromptParts.roles: one role per context turn")
 
 
 def dialogue_parts(turns: Sequence[str]) -> PromptParts:
@@ -146,7 +152,12 @@ def check_prompt_budget(config: "ExperimentConfig") -> None:
 
 def chat_messages(parts: PromptParts, fmt: PromptFormat, context: Sequence[str]) -> list[dict]:
     """The messages of a chat prompt whose (possibly cut) context is ``context``."""
-    messages = [{"role": "system", "content": fmt.system}] if fmt.system is not None else []
+    system = parts.system if parts.system is not None else fmt.system
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    if parts.kind == "dialogue" and parts.roles:
+        # A cut context keeps its newest turns: their roles are the last ones.
+        roles = parts.roles[len(parts.roles) - len(context):]
+        return messages + [{"role": role, "content": turn} for role, turn in zip(roles, context)]
     if parts.kind == "dialogue":
         # Counted back from the last turn, which is the user's (the answer is the assistant's next turn).
         last = len(context) - 1

@@ -53,7 +53,7 @@ from selfrank.jsonl import read_appended_rows
 from selfrank.ranking.engine import stable_seed
 from selfrank.train import dist
 from selfrank.train.config import DIRECT_GROUP_ERROR, DIRECT_MIN_GROUP, VARIANTS, ExperimentConfig, PPOConfig
-from selfrank.train.data.tasks import load_prompted_task
+from selfrank.train.data.ppo_prompts import ppo_prompts
 from selfrank.train.dist.ranking_service import ranking_pool
 from selfrank.train.rl.ppo_math import (
     apply_missing_eos_penalty,
@@ -396,7 +396,7 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) 
     (str_direct: none, it ranks each rollout group itself). Collective: the online variant ranks its
     rollouts through the node's pool."""
     sft_model = run.require("sft") / "model"
-    prompts = [ex.prompt for ex in load_prompted_task(config, sft_model).train]
+    prompts = ppo_prompts(config, sft_model)  # ppo.prompts when set, else the task's training prompts
 
     def train_one(variant: str, stage: str) -> dict:
         rm_folder = run.require(f"reward/{variant}") / "model" if VARIANTS[variant].needs_reward_model else None
