@@ -72,6 +72,10 @@ def check_reachable(config: ExperimentConfig, stages: list[str]) -> None:
     data = load_task(config.task) if any(stage != "reward" for stage in stages) else None
     if "sft" in stages:
         check_model_source(config.model)
+    if "reward" in stages and config.reward.model is not None:
+        from selfrank.train.models.reward_interop import check_classifier_source
+
+        check_classifier_source(config.reward.model)
     if stages:
         check_policy_settings(config, sft_todo="sft" in stages, data=data)
 
