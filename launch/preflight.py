@@ -76,6 +76,10 @@ def check_reachable(config: ExperimentConfig, stages: list[str]) -> None:
         read_prompt_file(config.ppo.prompts, config.task)  # every row checked; rendered when PPO starts
     if "sft" in stages:
         check_model_source(config.model)
+    if "reward" in stages and config.reward.model is not None:
+        from selfrank.train.models.reward_interop import check_classifier_source
+
+        check_classifier_source(config.reward.model)
     if stages:
         check_policy_settings(config, sft_todo="sft" in stages, data=data)
 

@@ -349,9 +349,16 @@ class RewardConfig:
     heldout_fraction: float = 0.1  # of prompts, never seen in training
     normalize: bool = True  # gain/bias so SFT samples score mean 0, std 1
     save_every: int = 100  # steps between resumable checkpoints
+    # A ready reward model instead of training one: a folder or hub name that
+    # AutoModelForSequenceClassification loads with num_labels 1 (any selfrank reward/<variant>/model is
+    # one). Every variant that needs a reward model then uses it (normalised as above when ``normalize``);
+    # the settings above that train are unused. It must share the policy's tokenizer.
+    model: str | None = None
 
     def __post_init__(self):
         check_range("reward.save_every", self.save_every, 1)
+        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
+            raise UserError("reward.model: must be a folder or hub name (or null to train one)")
         check_range("reward.lr", self.lr, 0.0, low_open=True)
         check_range("reward.batch_size", self.batch_size, 1)
         check_range("reward.epochs", self.epochs, 0.0, low_open=True)

@@ -7,9 +7,11 @@ must be a deterministic function of the text, in training as in scoring.
 
 Saved folder (written atomically: a temporary sibling folder renamed into place)::
 
-    config.json, model.safetensors      the backbone (``save_pretrained``, safetensors)
-    tokenizer files                     the tokenizer the rewards were learned with
-    reward_head.safetensors             the scalar head and the normaliser buffers
+    config.json, model.safetensors      a one-label sequence classifier: the backbone and the head
+                                        with the gain folded in (``AutoModelForSequenceClassification``
+                                        loads it; see ``train.models.reward_interop``)
+    tokenizer files                     the tokenizer the rewards were learned with (right padding)
+    reward_head.safetensors             the scalar head and the normaliser buffers, as trained
     reward_config.json                  normaliser (gain, bias), pooling, source
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from selfrank.errors import UserError
 from selfrank.train.models.masks import last_token_index, position_ids_from_mask
 from selfrank.atomic import atomic_folder
 from selfrank.train.models.causal_lm import encode_prompt_response, load_model
+from selfrank.train.models.reward_interop import is_classifier_folder, save_classifier
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -109,9 +112,16 @@ class RewardModel(nn.Module):
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the whole reward model to ``folder`` atomically (safetensors only, no pickle)."""
         with atomic_folder(Path(folder)) as tmp:
-            self.backbone.save_pretrained(tmp)
+            save_classifier(self, tmp)
             if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
+                # Right padding: what a sequence classifier's default positions (0 from the left) assume;
+                # this project's own scoring passes positions and works with either side.
+                side = self.tokenizer.padding_side
+                self.tokenizer.padding_side = "right"
+                try:
+                    self.tokenizer.save_pretrained(tmp)
+                finally:
+                    self.tokenizer.padding_side = side
             tensors = {f"head.{name}": t.detach().cpu().contiguous() for name, t in self.head.state_dict().items()}
             tensors["normalizer.gain"] = self.gain.detach().cpu().reshape(1).float()
             tensors["normalizer.bias"] = self.bias.detach().cpu().reshape(1).float()
@@ -128,7 +138,7 @@ class RewardModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, model_cfg=None) -> "RewardModel":
         """Load a folder written by ``save_pretrained`` (with its tokenizer, as ``.tokenizer``)."""
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
         folder = Path(folder)
         config_path = folder / CONFIG_FILE
@@ -141,7 +151,10 @@ class RewardModel(nn.Module):
         kwargs = {"trust_remote_code": trust}
         if model_cfg is not None:
             kwargs["dtype"] = getattr(torch, model_cfg.dtype)
-        backbone = AutoModel.from_pretrained(str(folder), **kwargs)
+        if is_classifier_folder(folder):
+            backbone = AutoModelForSequenceClassification.from_pretrained(str(folder), **kwargs).base_model
+        else:  # the earlier layout: the bare backbone
+            backbone = AutoModel.from_pretrained(str(folder), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
         model = cls(backbone, tokenizer=tokenizer, source=meta.get("source"))
         tensors = load_file(str(folder / HEAD_FILE))

@@ -333,19 +333,26 @@ def _reference_samples(ranked_path: Path) -> tuple[list[str], list[str]]:
 
 def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) -> dict:
     """The reward stage: one reward model per STR variant that has one (``reward/<variant>/model``; none
-    for str_direct). Collective."""
+    for str_direct), trained, or with ``reward.model`` set imported (``reward_import.py``). Collective."""
     sample = run.require("sample")
     sft_model = run.require("sft") / "model"
     prompts, responses = _reference_samples(sample / "ranked.jsonl")
 
     def train_one(variant: str, stage: str) -> dict:
         settings = VARIANTS[variant]
-        summary = train_reward(
-            config, sft_model, sample / "pairs.jsonl", sample / "ranked.jsonl", run.stage(stage) / "model",
-            loss=settings.loss, use_noise=settings.use_noise, resume=resume,
-            normalize_prompts=prompts, normalize_responses=responses,
-            log_step=ctx.hooks.stage_log("reward", f"{variant}/"),
-        )
+        if config.reward.model is not None:  # a ready reward model: nothing to train (reward_import.py)
+            from selfrank.train.stages.reward_import import import_reward
+
+            summary = import_reward(config, sft_model, sample / "pairs.jsonl", sample / "ranked.jsonl",
+                                    run.stage(stage) / "model", use_noise=settings.use_noise,
+                                    normalize_prompts=prompts, normalize_responses=responses)
+        else:
+            summary = train_reward(
+                config, sft_model, sample / "pairs.jsonl", sample / "ranked.jsonl", run.stage(stage) / "model",
+                loss=settings.loss, use_noise=settings.use_noise, resume=resume,
+                normalize_prompts=prompts, normalize_responses=responses,
+                log_step=ctx.hooks.stage_log("reward", f"{variant}/"),
+            )
         if dist.is_main() and ctx.hooks.wants_tables:  # the sampled answers with this RM's reward filled in
             ctx.hooks.log_table(f"{variant}/answers", scored_groups(config, run.path(stage) / "model",
                                                                      sample / "ranked.jsonl"), "reward")
@@ -358,4 +365,6 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) 
     if without:
         log.info("reward: %s", "; ".join(without.values()))
         summary["without_reward_model"] = without
+    if config.reward.model is not None and with_rm:
+        summary["imported_from"] = config.reward.model  # no reward model was trained in this run
     return summary
