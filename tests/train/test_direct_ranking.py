@@ -22,15 +22,7 @@ from selfrank.train.rl.ppo_math import standardize_within_groups
 from selfrank.train.rundir import RunDir
 from selfrank.train.stages.ppo import train_ppo
 from tests.train.helpers import tiny_config as tiny_experiment
-from tests.train.test_ppo import PROMPTS, _texts, read_log, tiny_config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.train.test_ppo import PROMPTS, _texts, one_thread, read_log, tiny_config  # noqa: F401 (autouse fixture)
 
 
 # ---- the pure maths ------------------------------------------------------------------------------
