@@ -23,6 +23,7 @@ Tracking stays outside this package: the caller passes plain callbacks (``log``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -97,6 +98,38 @@ def settings_digest(config: ExperimentConfig, stage: str) -> str:
 
     text = json.dumps(stage_settings(config, stage), sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _flat(node, where: str = "", out: dict | None = None) -> dict:
+    out = {} if out is None else out
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _flat(value, f"{where}.{key}" if where else str(key), out)
+    else:
+        out[where] = node
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _default_settings(stage: str) -> dict:
+    return _flat(json.loads(json.dumps(stage_settings(ExperimentConfig(), stage), default=str)))
+
+
+def same_settings(stage: str, recorded: dict | None, recorded_digest: str | None, config: ExperimentConfig) -> bool:
+    """Whether a stage recorded with ``recorded`` settings (digest ``recorded_digest``) was made with the
+    settings ``config`` gives it now. A setting added to selfrank since then, left at its default, is no
+    change: upgrading selfrank does not make finished stages stale."""
+    if recorded_digest == settings_digest(config, stage):
+        return True
+    if not recorded:
+        return False
+    missing = object()
+    before = _flat(json.loads(json.dumps(recorded, default=str)))
+    after = _flat(json.loads(json.dumps(stage_settings(config, stage), default=str)))
+    defaults = _default_settings(stage)
+    return all(before.get(key, missing) == after.get(key, missing)
+               or (key not in before and after[key] == defaults.get(key, missing))
+               for key in set(before) | set(after))
 
 
 def settings_changes(old: dict | None, new: dict, limit: int = 4) -> str:
@@ -212,14 +245,14 @@ def plan_stages(config: ExperimentConfig, stages: list[str] | None = None, *, re
     changed: list[str] = []
     unfinished: list[str] = []
     for stage in stages:
-        digest = settings_digest(config, stage)
         settings = stage_settings(config, stage)
         finished = run.finished_folder(stage)
         aside = run.aside_folder(stage)
         if run.is_done(stage):
             summary = run.summary(stage)
             kept = summary.get("settings_digest")
-            current = kept is None or kept == digest  # (runs from before digests were kept count as current)
+            # (runs from before digests were kept count as current)
+            current = kept is None or same_settings(stage, summary.get("settings"), kept, config)
             if current and not redo:
                 note = f"; {aside.name}/ holds an unfinished replacement, left as it is" if aside.exists() else ""
                 plans.append(StagePlan(stage, "skip", f"complete in {finished}{note}"))
@@ -229,14 +262,15 @@ def plan_stages(config: ExperimentConfig, stages: list[str] | None = None, *, re
                 changed.append(f"{stage} ({what})")
                 continue
             started = _read_json(aside / STARTED) or {}
-            keep = resume and started.get("settings_digest") == digest
+            keep = resume and same_settings(stage, started.get("settings"), started.get("settings_digest"), config)
             where = f"continuing the replacement in {aside}" if keep else f"written to {aside} first"
             plans.append(StagePlan(stage, "replace", f"{what}; {where}; the finished version stays until the "
                                                      "replacement is complete", resume=keep))
             continue
         work = unfinished_work(finished)
         started = _read_json(finished / STARTED)
-        other_settings = started is not None and started.get("settings_digest") != digest
+        other_settings = started is not None and not same_settings(stage, started.get("settings"),
+                                                                    started.get("settings_digest"), config)
         if work and other_settings:
             what = settings_changes(started.get("settings"), settings)
             if not force:

@@ -161,3 +161,20 @@ def test_adding_the_noise_variant_redoes_the_sample_stage(tmp_path):
     run_pipeline(with_noise, ["sft", "sample"], force=True)
     pairs = [json.loads(line) for line in (root / "sample" / "pairs.jsonl").read_text().splitlines()]
     assert pairs and any(p["loser_noised"] for p in pairs)
+
+
+def test_a_setting_added_since_a_stage_finished_at_its_default_is_no_change(tmp_path):
+    """Upgrading selfrank adds settings; a stage recorded before they existed stays current while they
+    keep their defaults, and is stale as soon as one of them, or an old one, differs."""
+    from selfrank.train.config import ExperimentConfig
+    from selfrank.train.pipeline import same_settings, stage_settings
+
+    config = ExperimentConfig(output_dir=str(tmp_path))
+    recorded = stage_settings(config, "eval")
+    del recorded["eval"]["controls"], recorded["reward"]["model"]  # as a stage made before both existed
+    assert same_settings("eval", recorded, "an-old-digest", config)
+    assert not same_settings("eval", recorded, "an-old-digest",
+                             dataclasses.replace(config, eval=dataclasses.replace(config.eval, controls=False)))
+    assert not same_settings("eval", recorded, "an-old-digest",
+                             dataclasses.replace(config, eval=dataclasses.replace(config.eval, max_new_tokens=9)))
+    assert not same_settings("eval", None, "an-old-digest", config)  # nothing recorded to compare
