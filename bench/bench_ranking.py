@@ -23,6 +23,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.bench_paths import DATA  # noqa: E402
 
 from selfrank.ranking.config import EmbedderConfig, RankingConfig  # noqa: E402  (light imports only: see pool.py)
 
@@ -104,7 +105,7 @@ def pool_rate(config: RankingConfig, answers, k: int, n: int, workers: int, rng)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "dailydialog" / "train.jsonl"),
+    parser.add_argument("--data", default=str(DATA / "dailydialog" / "train.jsonl"),
                         help="DailyDialog-style JSONL with a 'response' per line")
     parser.add_argument("--quick", action="store_true", help="small sizes: a rough figure in about a minute")
     parser.add_argument("--embedders", default="all-MiniLM-L6-v2,lexical")

@@ -13,7 +13,10 @@ that spin while their peer is descheduled turn other processes' load into large 
 ``generate(method="repeat")``: K copies through ``model.generate`` with the per-answer seeded sampler,
 which separates the gain of the shared prefill from that of the sampler's cheaper top-p.
 
-    python bench/bench_sampling.py [--model FOLDER] [--data ../shared/data] [--ks 4,8,16] [--rounds 2]
+    python bench/bench_sampling.py [--model smollm2-135m-instruct|FOLDER] [--data DATA] [--ks 4,8,16] [--rounds 2]
+
+(``--data`` defaults to ``shared/data`` next to the repository, wherever the command runs from; a
+packaged model name resolves to its converted folder as ``model.name`` does.)
 
 The last line reads ``sampling K=8 squad_v2: <ours> tok/s vs <hf> tok/s, ratio <r>x``: the best round
 of each method (the least disturbed by other load); medians are printed above it.
@@ -31,16 +34,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.bench_paths import DATA, data_path, model_folder  # noqa: E402
 
 SYSTEM = "Answer the question from the context in a few words."
-
-
-def resolve_model(name: str) -> Path:
-    """The model folder ``--model`` names: an existing ``save_pretrained`` folder."""
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        return folder
-    raise SystemExit(f"--model {name}: no such folder; give a save_pretrained folder of SmolLM2-135M-Instruct")
 
 
 def read_jsonl(path: Path, count: int, keep) -> list[dict]:
@@ -144,9 +140,9 @@ def measure(fn) -> tuple[int, float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="SmolLM2-135M-Instruct save_pretrained folder")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"),
-                        help="folder with squad_v2/ and dailydialog/")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="SmolLM2-135M-Instruct: packaged model name or save_pretrained folder")
+    parser.add_argument("--data", default=str(DATA), help="folder with squad_v2/ and dailydialog/")
     parser.add_argument("--ks", default="4,8,16")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=24)
@@ -166,8 +162,8 @@ def main() -> None:
     from selfrank.train.models.causal_lm import load_causal_lm
 
     torch.set_num_threads(args.threads)
-    folder = resolve_model(args.model)
-    data = Path(args.data)
+    folder = model_folder(args.model)
+    data = data_path(args.data)
     model, tokenizer = load_causal_lm(str(folder), ModelConfig(name=str(folder), dtype="float32"))
     model.eval()
     builders = {"squad_v2": squad_prompts, "dailydialog": dialog_prompts}
