@@ -36,3 +36,20 @@ def test_the_check_finds_a_restated_default():
 def test_config_loads_and_states_only_differences(path):
     load_experiment(path)
     assert restated_defaults(load_yaml(path), ExperimentConfig()) == []
+
+
+GRIDS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("grid_*.yaml"))
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
+def test_every_run_of_a_shipped_grid_loads(path, monkeypatch):
+    """A grid's task configs with its overrides: each run's config valid, as `selfrank experiment` loads it."""
+    from selfrank.launch.experiment import load_grid
+
+    monkeypatch.chdir(path.parents[1])  # grids name their task configs relative to the repository
+    grid = load_grid(path)
+    assert grid.tasks and grid.seeds
+    for task in grid.tasks:
+        config = load_experiment(task, [*grid.overrides, f"seed={grid.seeds[0]}"])
+        assert config.variants
+    assert set(grid.agreement_sweep.tasks) <= {Path(t).stem for t in grid.tasks}
