@@ -1,4 +1,6 @@
 """Render (and submit) the sbatch script that runs an experiment on a Slurm cluster.
+(Longer than most modules on purpose: the script template, the quoting of every value put into it and
+the checks of the options that fill it are one contract with the cluster, kept in one place.)
 
 The job runs one task per node; each task starts ``accelerate launch`` for that node's processes,
 with the machine rank taken from the node's own ``SLURM_NODEID`` and the rendezvous address from the

@@ -1,6 +1,8 @@
 """Typed settings of one experiment (one YAML file). Defaults live here; a YAML says what differs.
 
 Values the paper gives are marked "paper"; every other choice is ours and explained beside it.
+One file on purpose, though long: every setting of an experiment, its default and its validation in one
+place, so that a default is never stated twice and a reader finds any of them here.
 """
 from __future__ import annotations
 

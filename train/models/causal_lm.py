@@ -1,4 +1,6 @@
 """Policy models and tokenizers: the tiny offline model, hub/local causal LMs, and safe save/load.
+(Longer than most modules on purpose: loading, saving and the token rules (stop tokens, how a prompt
+and its answer are encoded) must agree exactly across SFT, generation, the reward model and PPO.)
 
 Every model folder this project writes is a plain ``save_pretrained`` folder (safetensors weights plus
 the tokenizer), so any stage, or any other tool, can load it with ``AutoModelForCausalLM``. The one

@@ -1,9 +1,11 @@
-"""The PPO stage: maximise R(x, y) - beta * log(pi(y|x) / pi_SFT(y|x)) against the STR reward model.
+"""The PPO stage: maximise R(x, y) - beta * log(pi(y|x) / pi_SFT(y|x)), R the STR reward model (or, for
+str_direct, the answer's TextRank centrality standardised within its prompt's group: train/rl/group_reward.py).
 
 Read it top to bottom: :func:`ppo_step` is one iteration, :func:`ppo_update` its optimisation, and
 :func:`train_ppo` the loop around them. The maths is in ``train/rl/ppo_math.py``, rollouts in
 ``train/rl/rollout.py``, a run's set-up, checkpoint and final save in ``train/rl/ppo_run.py``, the online
-RM in ``train/rl/online_rm.py``; each trick is named in a comment where it happens.
+RM in ``train/rl/online_rm.py``; each trick is named in a comment where it happens. (A little over 400
+lines on purpose: the loop, the step and the update read top to bottom in one file, as in CleanRL.)
 
 Models: the actor (the SFT causal LM), a frozen reference copy of it (or, with ``ppo.policy: lora``, the
 actor with its adapters switched off), the frozen reward model, and a critic initialised from the reward
