@@ -40,7 +40,7 @@ DATA_CASES = [
     ("non-utf8", "dialogue", "d.jsonl", _jsonl([GOOD_DIALOGUE, b'{"context": ["caf\xe9"], "response": "x"}']), "d.jsonl:2: not valid UTF-8"),
     ("line-too-long", "dialogue", "d.jsonl", _jsonl([{"context": ["a" * (16 * 1024 * 1024)], "response": "b"}]), "d.jsonl:1: line longer than"),
     ("directory", "dialogue", "d.jsonl", None, "d.jsonl: file not found"),
-    ("wrong-suffix", "dialogue", "d.txt", _jsonl([GOOD_DIALOGUE]), "d.txt: expected a .jsonl or .json file"),
+    ("wrong-suffix", "dialogue", "d.txt", _jsonl([GOOD_DIALOGUE]), "d.txt: expected a .jsonl, .json, .parquet or .csv file"),
     ("qa-duplicate-id", "qa", "q.jsonl", _jsonl([GOOD_QA, {**GOOD_QA, "question": "Where?"}]), "q.jsonl:2: duplicate id 'q1' (first at"),
     ("qa-missing-question", "qa", "q.jsonl", _jsonl([{k: v for k, v in GOOD_QA.items() if k != "question"}]), "q.jsonl:1: missing field 'question'"),
     ("qa-answers-not-list", "qa", "q.jsonl", _jsonl([{**GOOD_QA, "answers": "the cat"}]), "q.jsonl:1: field 'answers' must be a list of strings"),
