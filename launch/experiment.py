@@ -219,7 +219,7 @@ def _summary_lines(tasks: dict[str, dict], sweeps: dict[str, dict]) -> list[str]
                 verdicts.append(f"{row} {_diff_ci(diffs[metric])} ({_direction(diffs[metric])})")
         line = f"- **{task}** ({metric} x100 vs SFT): " + ("; ".join(verdicts) or "no STR rows")
         controls = [f"{row[4:]} {_diff_ci(diffs[metric])}" for row, diffs in pooled["paired_vs_sft"].items()
-                    if row in ("sft_greedy", "sft_majority") and metric in diffs]
+                    if (row in ("sft_greedy", "sft_majority") or row.startswith("sft_rerank_")) and metric in diffs]
         if controls:  # what SFT reaches by decoding alone, beside STR's gain
             line += "; controls: SFT " + ", SFT ".join(controls)
         greedy = [f"{row} {_diff_ci(diffs[metric])}" for row, diffs in

@@ -22,7 +22,7 @@ def test_grid_smoke_on_real_squad(tmp_path, repo_root, shared_data, monkeypatch)
     results = run_grid(grid)
     pooled = results["tasks"]["tiny_squad_v2"]
     assert list(pooled["rows"]) == ["original", "sft", "bitfit", "str", "str_noise", "sft_greedy", "sft_majority",
-                                     "str_greedy", "str_noise_greedy"]
+                                     "sft_rerank_str", "sft_rerank_str_noise", "str_greedy", "str_noise_greedy"]
     for row in pooled["rows"].values():
         for cell in row["metrics"].values():
             assert cell["low"] <= cell["mean"] <= cell["high"]

@@ -14,7 +14,7 @@ from selfrank.train.evaluation import metrics
 from selfrank.train.config import EvalConfig, TaskConfig
 from selfrank.train.data.examples import Example
 from selfrank.train.evaluation.controls import majority_answers, majority_pick
-from selfrank.train.evaluation.evaluate import evaluate_rows, example_references
+from selfrank.train.evaluation.evaluate import evaluate_rows, example_references, reward_scores
 from selfrank.train.models.reward_model import RewardModel
 
 from tests.train.helpers import tiny_config, tiny_policy
@@ -66,7 +66,8 @@ def _generations(out, row):
 
 def test_rows_metrics_and_generations(run_folder):
     config, results, out = run_folder
-    assert list(results["rows"]) == ["original", "sft", "str", "sft_greedy", "sft_majority", "str_greedy"]
+    assert list(results["rows"]) == ["original", "sft", "str", "sft_greedy", "sft_majority", "sft_rerank_str",
+                                     "str_greedy"]
     assert results["n_examples"] == 6  # capped by eval.max_examples
     for name, row in results["rows"].items():
         gens = _generations(out, name)
@@ -124,8 +125,16 @@ def test_control_rows_are_the_sft_models_greedy_and_majority_answers(run_folder)
     assert [g["generation"] for g in majority] == [g["candidates"][majority_pick(g["candidates"])] for g in majority]
     assert len({tuple(g["candidates"]) for g in majority}) > 1  # sampled per prompt, not one group repeated
     assert results["rows"]["sft_majority"]["decoding"].startswith(f"majority of {k} sampled")
+    # best of the same K answers by the reward model, with no PPO
+    reranked = _generations(out, "sft_rerank_str")
+    assert [g["candidates"] for g in reranked] == [g["candidates"] for g in majority]
+    flat = [c for g in reranked for c in g["candidates"]]
+    values = reward_scores(config, out.parent / "reward", [p for p in prompts for _ in range(k)], flat)
+    assert [g["generation"] for g in reranked] == [g["candidates"][int(np.argmax(values[i * k:(i + 1) * k]))]
+                                                   for i, g in enumerate(reranked)]
     report = (out / "report.md").read_text()
     assert "SFT greedy (control)" in report and "SFT majority vote (control)" in report
+    assert "SFT best of K by the STR RM (control)" in report
     assert "| STR, greedy |" in report and "| system - SFT greedy |" in report
 
 
@@ -143,7 +152,7 @@ def test_majority_pick_counts_normalised_answers_then_lexical_consensus():
 def test_paired_differences_against_sft(run_folder):
     _, results, _ = run_folder
     paired = results["paired_vs_sft"]
-    assert set(paired) == {"original", "str", "sft_greedy", "sft_majority"}
+    assert set(paired) == {"original", "str", "sft_greedy", "sft_majority", "sft_rerank_str"}
     greedy_pairs = results["paired_vs_sft_greedy"]  # a trained row decoding greedily against SFT greedy
     assert set(greedy_pairs) == {"str_greedy"}
     for m, d in greedy_pairs["str_greedy"].items():

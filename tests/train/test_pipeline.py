@@ -33,8 +33,8 @@ def test_full_pipeline_writes_every_stage_and_skips_complete_ones(tmp_path):
     assert (run.root / "ppo" / "str" / "actor" / "model.safetensors").is_file()
     report = json.loads((run.root / "eval" / "report.json").read_text())
     assert list(report["rows"]) == ["original", "sft", "bitfit", "str", "str_noise", "sft_greedy", "sft_majority",
-                                     "str_greedy", "str_noise_greedy"]
-    assert [name for name, _ in eval_rows(config, run)] == list(report["rows"])[:-4]  # then the controls, greedy twins
+                                     "sft_rerank_str", "sft_rerank_str_noise", "str_greedy", "str_noise_greedy"]
+    assert [name for name, _ in eval_rows(config, run)] == list(report["rows"])[:-6]  # then the controls, greedy twins
     # each earlier stage's wall time as its DONE.json recorded it, then eval's own
     assert list(report["stage_seconds"]) == ["sft", "sample", "reward", "ppo", "eval"]
     for stage in ("sft", "sample", "reward", "ppo"):

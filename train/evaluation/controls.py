@@ -12,6 +12,9 @@ Two rows from the SFT model tell those apart from a learned gain:
   Bayes risk under F1), then to the earliest. Same K and decoding as STR's groups: this is what
   "rank K samples and keep the consensus answer" gives without any reward model or PPO.
 
+* ``sft_rerank_<variant>``: best of K with the variant's reward model, at inference: of the same K
+  answers, the one the reward model scores highest (no PPO), which isolates the reward signal.
+
 Each STR variant is decoded greedily too (``<variant>_greedy``) and paired against SFT greedy, so a gain
 can be read at equal decoding: sampled vs sampled (against SFT) and greedy vs greedy (against SFT greedy).
 """

@@ -167,8 +167,6 @@ def agreement_groups(config: ExperimentConfig, sft_folder: Path, examples: Seque
     from selfrank.train import dist
     from selfrank.ranking.ranker import Ranker
 
-    from selfrank.train.models.reward_model import RewardModel, score
-
     ev = config.eval
     picked = study_prompts(config, examples)
     prompts = [examples[i].prompt for i in picked]
@@ -187,18 +185,46 @@ def agreement_groups(config: ExperimentConfig, sft_folder: Path, examples: Seque
     flat_prompts = [g.meta["prompt"] for g in groups for _ in g.meta["responses"]]
     flat_responses = [resp for g in groups for resp in g.meta["responses"]]
     for name, folder in (reward_folders or {}).items():
-        rm = dist.autocast_forward(RewardModel.from_pretrained(folder, config.model).to(_device()),
-                                   dist.get_accelerator())  # model.mixed_precision, as in training
-        values = score(rm, rm.tokenizer, flat_prompts, flat_responses, batch_size=ev.batch_size,
-                       max_length=config.reward.max_length, normalized=True)
+        values = reward_scores(config, folder, flat_prompts, flat_responses)
         offset = 0
         for g in groups:
             size = len(g.meta["responses"])
             g.scores[f"reward:{name}"] = [float(v) for v in values[offset:offset + size]]
             offset += size
-        del rm
-        _free_memory()
     return groups
+
+
+def reward_scores(config: ExperimentConfig, folder: Path, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    """The normalised rewards of ``(prompt, response)`` pairs by the reward model in ``folder``."""
+    from selfrank.train import dist
+    from selfrank.train.models.reward_model import RewardModel, score
+
+    rm = dist.autocast_forward(RewardModel.from_pretrained(folder, config.model).to(_device()),
+                               dist.get_accelerator())  # model.mixed_precision, as in training
+    values = score(rm, rm.tokenizer, list(prompts), list(responses), batch_size=config.eval.batch_size,
+                   max_length=config.reward.max_length, normalized=True)
+    del rm
+    _free_memory()
+    return values
+
+
+def rerank_rows(config: ExperimentConfig, prompts: Sequence[str], candidates: list[list[str]],
+                reward_folders: dict[str, Path]) -> list[tuple[str, list[str], str]]:
+    """Best of K by each variant's reward model, at inference, with no PPO: of the SFT model's K sampled
+    answers to each prompt (the majority vote's), the one its reward model scores highest (ties: the
+    earliest). Isolates the reward signal from PPO. ``(row sft_rerank_<variant>, answers, decoding)``."""
+    flat_prompts = [prompt for prompt, group in zip(prompts, candidates) for _ in group]
+    flat = [answer for group in candidates for answer in group]
+    rows = []
+    for variant, folder in reward_folders.items():
+        values = reward_scores(config, folder, flat_prompts, flat)
+        picked, offset = [], 0
+        for group in candidates:
+            picked.append(group[int(np.argmax(values[offset:offset + len(group)]))])
+            offset += len(group)
+        rows.append((f"sft_rerank_{variant}", picked, f"best of {len(candidates[0]) if candidates else 0} "
+                     f"sampled by the {variant} reward model"))
+    return rows
 
 
 def control_rows(config: ExperimentConfig, sft_folder: Path, prompts: Sequence[str],
@@ -299,6 +325,9 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
         for name, texts, how, candidates in control_rows(config, folders[BASELINE_ROW], prompts, group):
             if dist.is_main():
                 score_row(name, folders[BASELINE_ROW], texts, 1, how, candidates)
+                if name == MAJORITY_ROW and reward_folders:  # the same K answers, picked by each reward model
+                    for rerank, picked, picked_how in rerank_rows(config, prompts, candidates, reward_folders):
+                        score_row(rerank, folders[BASELINE_ROW], picked, 1, picked_how, candidates)
 
     if ev.controls and ev.do_sample and BASELINE_ROW in folders:  # each STR variant decoding greedily
         for name, folder in [(name, folder) for name, folder in rows if name in config.variants]:

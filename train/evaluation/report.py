@@ -77,6 +77,8 @@ MIN_BLEU_TOKENS = 4
 
 
 def row_title(name: str) -> str:
+    if name.startswith("sft_rerank_"):  # best of K by a variant's reward model
+        return f"SFT best of K by the {ROW_TITLES.get(name[11:], name[11:])} RM (control)"
     if name.startswith("sft_"):  # baselines are named sft_<method>
         return ROW_TITLES.get(name[4:], name[4:])
     if name.endswith("_greedy") and name[:-7] in ROW_TITLES:  # a trained row decoding greedily
@@ -85,6 +87,10 @@ def row_title(name: str) -> str:
 
 
 def _row_help(name: str) -> str:
+    if name.startswith("sft_rerank_"):
+        return ("control: of the K answers the majority vote picks from, the one this variant's reward model scores "
+                "highest; the reward signal without PPO (an STR gain below it: PPO did not get what the reward "
+                "model knows into the policy)")
     base = name[4:] if name.startswith("sft_") else name
     if base.endswith("_greedy") and base[:-7] in ROW_HELP:
         return (f"the {row_title(base[:-7])} model decoding greedily, paired against SFT greedy (the table after "
