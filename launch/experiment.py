@@ -302,14 +302,20 @@ def run_sweep(config, sweep: AgreementSweepConfig, run_dir: Path) -> dict:
     sweep or the run's settings (the same digest that decides whether a stage is redone) change."""
     from selfrank.train.evaluation.agreement_sweep import agreement_sweep
     from selfrank.train.data.tasks import load_prompted_task
-    from selfrank.train.pipeline import settings_digest
+    from selfrank.train.pipeline import same_settings, settings_digest
+    from selfrank.train.rundir import RunDir
 
     path = run_dir / "agreement_sweep.json"
     digest = settings_digest(config, "eval")  # everything the SFT model and the study's sampling depend on
     if path.is_file():
         kept = json.loads(path.read_text())
-        if (kept.get("sizes") == sorted(sweep.sizes) and kept.get("embedders") == list(sweep.embedders)
-                and kept.get("settings_digest") == digest):
+        # Made for this run's finished eval stage, which is still current (settings added to selfrank since,
+        # at their defaults, change nothing: train.pipeline.same_settings)?
+        done = RunDir(run_dir).summary("eval") if RunDir(run_dir).is_done("eval") else {}
+        current = kept.get("settings_digest") == digest or (
+            kept.get("settings_digest") == done.get("settings_digest")
+            and same_settings("eval", done.get("settings"), done.get("settings_digest"), config))
+        if kept.get("sizes") == sorted(sweep.sizes) and kept.get("embedders") == list(sweep.embedders) and current:
             return kept
     sft_model = run_dir / "sft" / "model"
     result = agreement_sweep(config, sft_model, load_prompted_task(config, sft_model).test, config.task.kind,

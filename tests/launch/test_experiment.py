@@ -51,3 +51,15 @@ def test_grid_smoke_on_real_squad(tmp_path, repo_root, shared_data, monkeypatch)
     stamps = {p: p.stat().st_mtime_ns for p in kept}
     run_grid(grid)
     assert {p: p.stat().st_mtime_ns for p in kept} == stamps
+    # ... also after an upgrade that added a setting (here: one removed from the records, at its default)
+    for done in [p for p in kept if p.name == "DONE.json"]:
+        record = json.loads(done.read_text())
+        if "settings" in record and "eval" in record["settings"]:
+            del record["settings"]["eval"]["controls"]
+            record["settings_digest"] = "before-the-upgrade"
+            done.write_text(json.dumps(record))
+    sweep_file = kept[-1]
+    sweep_file.write_text(json.dumps({**json.loads(sweep_file.read_text()), "settings_digest": "before-the-upgrade"}))
+    stamps = {p: p.stat().st_mtime_ns for p in kept}
+    run_grid(grid)
+    assert {p: p.stat().st_mtime_ns for p in kept} == stamps
