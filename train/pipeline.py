@@ -101,6 +101,7 @@ def settings_digest(config: ExperimentConfig, stage: str) -> str:
 
 
 def _flat(node, where: str = "", out: dict | None = None) -> dict:
+    """Nested settings as ``{"ppo.steps": 150, ...}``."""
     out = {} if out is None else out
     if isinstance(node, dict):
         for key, value in node.items():
@@ -137,17 +138,7 @@ def settings_changes(old: dict | None, new: dict, limit: int = 4) -> str:
     ``limit`` items named), or a plain phrase when the old settings were not recorded."""
     if not old:
         return "settings changed"
-
-    def flat(node, where: str, out: dict) -> dict:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                flat(value, f"{where}.{key}" if where else str(key), out)
-        else:
-            out[where] = node
-        return out
-
-    before, after = flat(json.loads(json.dumps(old, default=str)), "", {}), \
-        flat(json.loads(json.dumps(new, default=str)), "", {})
+    before, after = _flat(json.loads(json.dumps(old, default=str))), _flat(json.loads(json.dumps(new, default=str)))
     missing = object()
     changed = [f"{key}: {_short(before.get(key, missing))} -> {_short(after.get(key, missing))}"
                for key in sorted(set(before) | set(after)) if before.get(key, missing) != after.get(key, missing)]
