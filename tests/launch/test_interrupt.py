@@ -16,7 +16,7 @@ import yaml
 from selfrank.launch.cli import main
 from selfrank.train import signals
 from selfrank.train.pipeline import run_pipeline
-from tests.train.helpers import tiny_config
+from tests.train.helpers import signal_during_ppo_update, tiny_config
 
 
 @pytest.fixture
@@ -64,18 +64,7 @@ def test_ctrl_c_in_ppo_checkpoints_names_the_step_and_the_command_that_continues
     caplog.set_level(logging.INFO)
     config = _prepared_run(tmp_path, ["sft", "sample", "reward"], steps=6, save_every=100)
     root = tmp_path / "runs" / "cc"
-    import selfrank.train.stages.ppo as ppo_stage
-
-    real_update, calls = ppo_stage.ppo_update, []
-
-    def update_then_ctrl_c(*args, **kwargs):  # Ctrl-C arrives while step 2 trains
-        result = real_update(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(ppo_stage, "ppo_update", update_then_ctrl_c)
+    signal_during_ppo_update(monkeypatch, signal.SIGINT, update=2)  # Ctrl-C arrives while step 2 trains
     assert main(["run", str(config)]) == 130
     err = capsys.readouterr().err
     assert "Ctrl-C: stopping at the next step boundary with a checkpoint" in err
@@ -104,8 +93,7 @@ def test_ctrl_c_in_ppo_checkpoints_names_the_step_and_the_command_that_continues
     # Replacing the finished PPO (--force), interrupted: the finished stage stays as it was, the replacement
     # keeps its checkpoint beside it, and the printed command (with --force --resume) completes the swap.
     finished = {p.name: p.read_bytes() for p in (root / "ppo" / "str").iterdir() if p.is_file()}
-    calls.clear()
-    monkeypatch.setattr(ppo_stage, "ppo_update", update_then_ctrl_c)
+    signal_during_ppo_update(monkeypatch, signal.SIGINT, update=2)
     assert main(["run", str(config), "--set", "ppo.steps=8", "--force"]) == 130
     message = _one_error_line(capsys.readouterr().err, "selfrank: ppo")
     assert f"progress saved in {root / 'ppo.new' / 'str' / 'checkpoint'}" in message

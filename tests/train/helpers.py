@@ -96,3 +96,22 @@ def tiny_chat_policy(tmp_path: Path | None = None, config: ExperimentConfig | No
     if tmp_path is not None:
         save_model(model, tokenizer, Path(tmp_path) / "policy")
     return model, tokenizer
+
+
+def signal_during_ppo_update(monkeypatch, signum: int, update: int = 2) -> None:
+    """Deliver ``signum`` to this process as PPO's ``update``-th update returns (so while that step is
+    still running: the stop lands at its end, after its update)."""
+    import os
+
+    import selfrank.train.stages.ppo as ppo_stage
+
+    real_update, calls = ppo_stage.ppo_update, []
+
+    def update_then_signal(*args, **kwargs):
+        result = real_update(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == update:
+            os.kill(os.getpid(), signum)
+        return result
+
+    monkeypatch.setattr(ppo_stage, "ppo_update", update_then_signal)

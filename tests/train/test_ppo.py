@@ -12,13 +12,13 @@ from selfrank.train.config import ExperimentConfig, PPOConfig, TinyModelConfig
 from selfrank.train.sampling.generation import generate
 from selfrank.train.models.causal_lm import build_tiny_model, load_model, save_model, train_bpe_tokenizer
 from selfrank.train.models.policy_value import PolicyAndValue
-import selfrank.train.stages.ppo as ppo_module
 from selfrank.train.rl.rollout import collect_rollout, row_seeds
 from selfrank.train.stages.ppo import NonFiniteError, train_ppo
 from selfrank.train.checkpoint import read_state
 from selfrank.train.rl.reward_losses import pairwise_loss
 from selfrank.train.models.reward_model import RewardModel, encode_pairs, pad_batch
 from selfrank.train.models.value_model import ValueModel
+from tests.train.helpers import signal_during_ppo_update
 
 WORDS = "red blue green cat dog sun moon tree river stone bird fish".split()
 GOOD = "yes"  # the reward model is trained to like answers full of this word
@@ -403,7 +403,6 @@ def test_ppo_with_ranking_pool_logs_queue_and_saves_online_rm(world, tmp_path):
 def test_preemption_checkpoints_and_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
     """SIGUSR1 (SLURM's warning signal) mid-run: checkpoint the finished steps, raise Preempted; the
     resumed run ends with the uninterrupted run's weights."""
-    import os
     import signal
 
     from selfrank.train import signals
@@ -414,17 +413,7 @@ def test_preemption_checkpoints_and_resume_equals_uninterrupted(world, tmp_path,
     signals.install_stop_handlers()
     previous = signal.getsignal(signal.SIGUSR1)
     try:
-        original_update = ppo_module.ppo_update
-        calls = []
-
-        def update_then_signal(*args, **kwargs):  # the signal arrives while step 2 trains
-            result = original_update(*args, **kwargs)
-            calls.append(1)
-            if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return result
-
-        monkeypatch.setattr(ppo_module, "ppo_update", update_then_signal)
+        signal_during_ppo_update(monkeypatch, signal.SIGUSR1, update=2)  # arrives while step 2 trains
         with pytest.raises(signals.Preempted):
             train_ppo(full, PROMPTS, world["sft"], world["rm"], tmp_path / "cut")
         monkeypatch.undo()
@@ -473,3 +462,72 @@ def test_adapter_disabled_view_computes_the_base_model(world):
         assert not torch.allclose(wrapped(input_ids=ids).logits, want, atol=1e-4)
         torch.testing.assert_close(AdapterDisabled(wrapped)(input_ids=ids).logits, want)
     assert list(AdapterDisabled(wrapped).parameters()) == []  # a view, not a copy
+
+
+def _padded(ro, left: int, right: int, pad_id: int):
+    """``ro`` with ``left`` more all-padding query columns and ``right`` more masked response columns."""
+    def wider(t, lo, hi, value=0):
+        return torch.nn.functional.pad(t, (lo, hi), value=value)
+
+    return dataclasses.replace(
+        ro, input_ids=wider(ro.input_ids, left, right, pad_id), attention_mask=wider(ro.attention_mask, left, right),
+        response_ids=wider(ro.response_ids, 0, right, pad_id), mask=wider(ro.mask, 0, right),
+        logp=wider(ro.logp, 0, right), ref_logp=wider(ro.ref_logp, 0, right), values=wider(ro.values, 0, right))
+
+
+def test_minibatch_cuts_the_columns_that_are_padding_in_all_its_rows(world):
+    from selfrank.train.rl.rollout import minibatch
+
+    actor, tokenizer = load_model(world["sft"])
+    model = PolicyAndValue(actor, ValueModel.from_reward_model(RewardModel.from_pretrained(world["rm"])))
+    cfg = PPOConfig(batch_size=4, samples_per_prompt=1, max_new_tokens=6)
+    ro = _padded(collect_rollout(model, actor, None, tokenizer, PROMPTS[:4], cfg, row_seeds(2, 1, 0, 4, 1)),
+                 3, 2, tokenizer.pad_token_id)
+    zeros = torch.zeros_like(ro.mask, dtype=torch.float32)
+    for rows in ([0], [1, 3], [0, 1, 2, 3]):
+        idx = torch.tensor(rows)
+        mb = minibatch(ro, idx, zeros, zeros)
+        # Every row of the minibatch keeps all of its real tokens, and no column is padding in all rows.
+        assert int(mb.attention_mask.sum()) == int(ro.attention_mask[idx].sum())
+        assert int(mb.mask.sum()) == int(ro.mask[idx].sum())
+        assert bool(mb.attention_mask[:, 0].any()) and bool(mb.mask[:, -1].any())
+        # The 3 + 2 columns of padding added to every row are gone (at least).
+        assert mb.input_ids.shape == mb.attention_mask.shape
+        assert mb.input_ids.shape[1] <= ro.input_ids.shape[1] - 5 and mb.response_length <= ro.response_ids.shape[1] - 2
+        torch.testing.assert_close(mb.input_ids[:, -mb.response_length:], mb.response_ids)
+
+
+def test_separate_passes_on_cut_minibatches_equal_one_pass_over_the_padded_batch(world):
+    """The update's two tricks change no number: actor then critic passes (one process) give the joint
+    pass's gradients, and cutting the all-padding columns gives the padded batch's outputs."""
+    from selfrank.train.dist.collectives import get_accelerator
+    from selfrank.train.optim import adamw_groups
+    from selfrank.train.stages.ppo import ppo_update
+
+    actor, tokenizer = load_model(world["sft"])
+    rm = RewardModel.from_pretrained(world["rm"])
+    cfg = PPOConfig(batch_size=4, samples_per_prompt=2, max_new_tokens=6, ppo_epochs=2, minibatches=2)
+    model = PolicyAndValue(actor, ValueModel.from_reward_model(rm))
+    ro = collect_rollout(model, actor, rm, tokenizer, PROMPTS[:4], cfg, row_seeds(4, 1, 0, 4, 2))
+    gen = torch.Generator().manual_seed(0)
+    advantages = torch.randn(ro.mask.shape, generator=gen) * ro.mask
+    returns = torch.randn(ro.mask.shape, generator=gen) * ro.mask
+    padded = _padded(ro, 2, 3, tokenizer.pad_token_id)
+    wide = [torch.nn.functional.pad(t, (0, 3)) for t in (advantages, returns)]
+    results = []
+    for rollout, adv, ret, separate in ((ro, advantages, returns, True), (padded, *wide, False)):
+        torch.manual_seed(0)
+        actor, _ = load_model(world["sft"])
+        model = PolicyAndValue(actor, ValueModel.from_reward_model(rm)).train()
+        optimizer = adamw_groups([(actor, 1e-3), (model.value, 1e-3)])
+        stats = ppo_update(model, optimizer, rollout, adv, ret, cfg, torch.Generator().manual_seed(7),
+                           get_accelerator(), separate=separate)
+        results.append((stats, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    (stats_a, weights_a), (stats_b, weights_b) = results
+    assert stats_a is not None and stats_b is not None
+    for key in stats_a:
+        assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-4, abs=1e-6), key
+    start = PolicyAndValue(load_model(world["sft"])[0], ValueModel.from_reward_model(rm)).state_dict()
+    assert any(not torch.equal(weights_a[k], start[k]) for k in start)  # the update moved the weights
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], atol=1e-5, rtol=1e-4)

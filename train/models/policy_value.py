@@ -21,10 +21,15 @@ class PolicyAndValue(nn.Module):
         self.value = value
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, values_only: bool = False,
-                **policy_kwargs: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(logits, values)``; with ``values_only`` the policy does not run and the logits are None."""
-        logits = None
+                policy_only: bool = False, **policy_kwargs: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(logits, values)``; with ``values_only`` the policy does not run and the logits are None,
+        with ``policy_only`` the critic does not run and the values are None."""
+        if values_only and policy_only:
+            raise ValueError("values_only and policy_only exclude each other")
+        logits = values = None
         if not values_only:
             out = self.policy(input_ids=input_ids, attention_mask=attention_mask, **policy_kwargs)
             logits = getattr(out, "logits", out)
-        return logits, self.value(input_ids=input_ids, attention_mask=attention_mask)
+        if not policy_only:
+            values = self.value(input_ids=input_ids, attention_mask=attention_mask)
+        return logits, values

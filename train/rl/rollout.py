@@ -71,14 +71,53 @@ def _shifted_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, respo
             "logits_to_keep": response_length}
 
 
-def response_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     response_length: int, values_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+def response_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
+                     values_only: bool = False, policy_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Actor logits ``(B, R, V)`` and critic values ``(B, R)`` for the response positions, in ONE call of
     the (prepared) ``PolicyAndValue`` module: DDP and DeepSpeed only see calls of the wrapped module.
     The critic reads the same inputs (the last token is not an input either). ``values_only``: the
-    actor does not run and the logits are None (no-gradient rollouts only)."""
-    logits, values = model(**_shifted_inputs(input_ids, attention_mask, response_length), values_only=values_only)
-    return logits, values[:, -response_length:]
+    actor does not run and the logits are None; ``policy_only``: the critic does not run and the values
+    are None (the update's separate passes, one process without DeepSpeed only)."""
+    logits, values = model(**_shifted_inputs(input_ids, attention_mask, response_length), values_only=values_only,
+                           policy_only=policy_only)
+    return logits, None if values is None else values[:, -response_length:]
+
+
+@dataclass
+class Minibatch:
+    """Rows of a rollout for one PPO update, on ``(b, r)`` response positions unless noted."""
+    input_ids: torch.Tensor  # (b, p + r)
+    attention_mask: torch.Tensor  # (b, p + r)
+    response_ids: torch.Tensor
+    mask: torch.Tensor
+    logp: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    @property
+    def response_length(self) -> int:
+        return self.response_ids.shape[1]
+
+
+def minibatch(ro: Rollout, idx: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor) -> Minibatch:
+    """Rows ``idx`` of ``ro`` without the columns that are padding in every one of them.
+
+    Trick (speed and memory): the rollout is padded to the longest prompt and the longest answer of the
+    whole batch; a minibatch's rows are often shorter on both sides. Left columns that are padding in all
+    its rows change no real token's output (they are masked out, and positions come from the mask), and
+    response columns after every row's last token are read by no loss and, the attention being causal,
+    by no earlier position; so both are cut before the forward, which then costs what its rows need."""
+    attention_mask, mask = ro.attention_mask[idx], ro.mask[idx]
+    query = ro.query_length
+    first = int(attention_mask[:, :query].any(0).to(torch.int8).argmax()) if query else 0
+    real = mask.any(0).nonzero()
+    length = int(real[-1]) + 1 if real.numel() else 1
+    end = query + length
+    return Minibatch(input_ids=ro.input_ids[idx, first:end], attention_mask=attention_mask[:, first:end],
+                     response_ids=ro.response_ids[idx, :length], mask=mask[:, :length],
+                     logp=ro.logp[idx, :length], values=ro.values[idx, :length],
+                     advantages=advantages[idx, :length], returns=returns[idx, :length])
 
 
 def logprobs_at_sampling(cfg: PPOConfig, model, accelerator) -> bool:
