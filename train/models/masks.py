@@ -24,3 +24,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     same text right-padded (absolute position embeddings would otherwise shift with the padding)."""
     mask = attention_mask.to(torch.long)
     return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def first_shared_column(attention_mask: torch.Tensor) -> int:
+    """The first column that is real (mask 1) in at least one row: the columns before it are left
+    padding in every row, which a batch may drop (0 when no column is real)."""
+    return int(attention_mask.any(0).to(torch.int8).argmax()) if attention_mask.numel() else 0

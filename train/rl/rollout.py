@@ -16,7 +16,7 @@ import torch
 from selfrank.ranking.engine import stable_seed
 from selfrank.train import dist
 from selfrank.train.config import PPOConfig
-from selfrank.train.models.masks import position_ids_from_mask
+from selfrank.train.models.masks import first_shared_column, position_ids_from_mask
 from selfrank.train.rl.ppo_math import entropy_from_logits, logprobs_from_logits
 from selfrank.train.sampling.generation import generate
 
@@ -110,7 +110,7 @@ def minibatch(ro: Rollout, idx: torch.Tensor, advantages: torch.Tensor, returns:
     by no earlier position; so both are cut before the forward, which then costs what its rows need."""
     attention_mask, mask = ro.attention_mask[idx], ro.mask[idx]
     query = ro.query_length
-    first = int(attention_mask[:, :query].any(0).to(torch.int8).argmax()) if query else 0
+    first = first_shared_column(attention_mask[:, :query])
     real = mask.any(0).nonzero()
     length = int(real[-1]) + 1 if real.numel() else 1
     end = query + length

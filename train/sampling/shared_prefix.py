@@ -29,6 +29,7 @@ from typing import Iterator
 
 import torch
 
+from selfrank.train.models.masks import first_shared_column
 from selfrank.train.models.reward_model import position_ids_from_mask
 from selfrank.train.sampling.row_sampler import RowUniforms, pick_tokens
 
@@ -73,7 +74,7 @@ def _decode_chunk(model, query_ids: torch.Tensor, query_mask: torch.Tensor, prom
     rows = prompt_of_row.shape[0]
     distinct, fork = torch.unique(prompt_of_row, return_inverse=True)
     ids, mask = query_ids[distinct], query_mask[distinct]
-    first = int(mask.any(0).long().argmax())  # columns that are padding in every prompt of the chunk go
+    first = first_shared_column(mask)  # columns that are padding in every prompt of the chunk go
     ids, mask = ids[:, first:], mask[:, first:]
     positions = position_ids_from_mask(mask)
     extra = {"logits_to_keep": 1} if keep_logits else {}

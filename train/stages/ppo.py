@@ -233,6 +233,10 @@ def ppo_update(model, optimizer, ro: Rollout, advantages: torch.Tensor, returns:
     if separate and not can_separate:
         raise ValueError("separate actor and critic passes need one process without DeepSpeed")
     separate = can_separate if separate is None else separate
+
+    def poisoned(loss: torch.Tensor) -> bool:  # a collective: every process agrees, so none goes on alone
+        return float(dist.reduce_sum(float(not _finite(loss)), acc)) > 0
+
     n = ro.input_ids.shape[0]
     size = n // cfg.minibatches
     lo, hi = dist.shard_bounds(size, acc.process_index, acc.num_processes)
@@ -254,7 +258,7 @@ def ppo_update(model, optimizer, ro: Rollout, advantages: torch.Tensor, returns:
             pg, pg_clipped, half_sq = policy_loss_terms(new_logp, mb.logp, mb.advantages, cfg.clip_range)
             pg_sum = (pg * mask).sum()
             if separate:
-                if not _finite(pg_sum):
+                if poisoned(pg_sum):
                     return None
                 acc.backward(dist.global_mean_loss(pg_sum, count, acc))
                 _, new_values = response_forward(model, mb.input_ids, mb.attention_mask, mb.response_length,
@@ -262,15 +266,10 @@ def ppo_update(model, optimizer, ro: Rollout, advantages: torch.Tensor, returns:
             # Critic: clipped value loss around the values the advantages were computed with.
             vf, vf_clipped = value_loss_terms(new_values, mb.values, mb.returns, cfg.value_clip)
             vf_sum = (vf * mask).sum()
-            if separate:
-                loss_sum = cfg.vf_coef * vf_sum
-                if not _finite(loss_sum):
-                    optimizer.zero_grad(set_to_none=True)
-                    return None
-            else:
-                loss_sum = pg_sum + cfg.vf_coef * vf_sum
-                if float(dist.reduce_sum(float(not _finite(loss_sum)), acc)) > 0:
-                    return None  # every process agrees (a collective), so none goes on alone
+            loss_sum = cfg.vf_coef * vf_sum if separate else pg_sum + cfg.vf_coef * vf_sum
+            if poisoned(loss_sum):
+                optimizer.zero_grad(set_to_none=True)  # the separate actor pass's gradients, if any
+                return None
             acc.backward(dist.global_mean_loss(loss_sum, count, acc))
             if not deepspeed:
                 # Trick: global gradient-norm clipping, per network; a non-finite norm means a poisoned
