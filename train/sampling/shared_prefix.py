@@ -29,8 +29,7 @@ from typing import Iterator
 
 import torch
 
-from selfrank.train.models.masks import first_shared_column
-from selfrank.train.models.reward_model import position_ids_from_mask
+from selfrank.train.models.masks import first_shared_column, position_ids_from_mask
 from selfrank.train.sampling.row_sampler import RowUniforms, pick_tokens
 
 
