@@ -14,9 +14,9 @@
 #   bash bench/gpu_check.sh --cpu --tiny     # the same wiring on CPU (gloo, bf16, 2 processes, tiny model)
 #
 # The pre-trained SmolLM2-135M-Instruct at full size (configs/smollm2_<task>.yaml, bf16), after the runs
-# above or alone: --smollm2 "squad_v2 dailydialog" [--smollm2-only] [--set KEY=VALUE ...] (overrides for
-# those runs, e.g. --set ppo.steps=50 to fit a time budget); each ends with its report table, and its run
-# folder is OUT/runs/gpu-smollm2-<task>/. --dry-run: only the preflight of those runs (nothing trained).
+# above or alone: --smollm2 "squad_v2 dailydialog cornell" [--smollm2-only] [--set KEY=VALUE ...]
+# (overrides for those runs, e.g. --set ppo.steps=50 to fit a time budget); each ends with its report
+# table, and its run folder is OUT/runs/gpu-smollm2-<task>/. --dry-run: only the preflight of those runs (nothing trained).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
