@@ -110,6 +110,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a mapping, got {_kind(value)}")
+        if len(args) == 2:
+            return {_coerce(args[0], k, f"{where} (key {k!r})"): _coerce(args[1], v, f"{where}.{k}")
+                    for k, v in value.items()}
         return dict(value)
     if hint is Any:
         return value

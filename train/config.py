@@ -289,6 +289,13 @@ class SFTConfig:
     # ``baseline_max_steps`` steps each (None: as long as the main method).
     baselines: list[str] = field(default_factory=list)
     baseline_max_steps: int | None = None
+    # Ours: a learning rate per method over ``lr`` (e.g. {full: 1.0e-4}): a method that trains every weight
+    # and one that trains 0.1% of them rarely share their best rate.
+    method_lr: dict[str, float] = field(default_factory=dict)
+    # Ours: candidate learning rates, for every method (a list) or per method ({full: [...]}): a searched
+    # method trains once per candidate and keeps the one with the lowest answer-token loss on the task's
+    # validation split.
+    lr_search: list[float] | dict[str, list[float]] = field(default_factory=list)
 
     def __post_init__(self):
         check_choice("sft.method", self.method, SFT_METHODS)
@@ -308,6 +315,41 @@ class SFTConfig:
         check_range("sft.adapter_size", self.adapter_size, 1)
         check_range("sft.max_grad_norm", self.max_grad_norm, 0.0)
         check_range("sft.save_every", self.save_every, 1)
+        if not isinstance(self.method_lr, dict):
+            raise UserError(f"sft.method_lr: expected a mapping of method to learning rate, got {self.method_lr!r}")
+        for method, lr in self.method_lr.items():
+            check_choice("sft.method_lr (key)", method, SFT_METHODS)
+            check_range(f"sft.method_lr.{method}", lr, 0.0, low_open=True)
+        if isinstance(self.lr_search, dict):
+            searches = {f"sft.lr_search.{m}": rates for m, rates in self.lr_search.items()}
+            for method in self.lr_search:
+                check_choice("sft.lr_search (key)", method, SFT_METHODS)
+        elif isinstance(self.lr_search, list):
+            searches = {"sft.lr_search": self.lr_search}
+        else:
+            raise UserError(f"sft.lr_search: expected a list of learning rates or a mapping of method to such a "
+                            f"list, got {self.lr_search!r}")
+        for where, rates in searches.items():
+            if not isinstance(rates, list):
+                raise UserError(f"{where}: expected a list of learning rates, got {rates!r}")
+            for lr in rates:
+                check_range(f"{where}[]", lr, 0.0, low_open=True)
+            if len(set(rates)) != len(rates):
+                raise UserError(f"{where}: {rates} lists a learning rate twice")
+        both = sorted(m for m in self.method_lr if self.candidates_for(m))
+        if both:
+            raise UserError(f"sft.method_lr and sft.lr_search both set the learning rate of {', '.join(both)}: "
+                            "give one")
+
+    def lr_for(self, method: str) -> float:
+        """The learning rate ``method`` trains at without a search."""
+        return self.method_lr.get(method, self.lr)
+
+    def candidates_for(self, method: str) -> list[float]:
+        """The learning rates ``sft.lr_search`` tries for ``method`` (none: it trains at :meth:`lr_for`)."""
+        if isinstance(self.lr_search, dict):
+            return list(self.lr_search.get(method, []))
+        return list(self.lr_search)
 
 
 @dataclass

@@ -41,6 +41,9 @@ def test_full_pipeline_writes_every_stage_and_skips_complete_ones(tmp_path):
         assert report["stage_seconds"][stage] == run.summary(stage)["stage_seconds"] > 0
     assert 0 < report["stage_seconds"]["eval"] <= run.summary("eval")["stage_seconds"]
     assert "## Wall time per stage" in (run.root / "eval" / "report.md").read_text()
+    # each SFT method's learning rate, as its training recorded it
+    assert report["sft_learning_rates"] == {"full": {"lr": 1e-3, "search": None}, "bitfit": {"lr": 1e-3, "search": None}}
+    assert "## SFT learning rates" in (run.root / "eval" / "report.md").read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in run.root.rglob("DONE.json")}
     again = run_pipeline(config)

@@ -253,13 +253,15 @@ def control_rows(config: ExperimentConfig, sft_folder: Path, prompts: Sequence[s
 
 def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], examples: list, out_folder: Path, *,
                   reward_folders: dict[str, Path] | None = None, ppo_logs: dict[str, Path] | None = None,
-                  task_kind: str, group=None, stage_seconds: dict[str, float | None] | None = None) -> dict | None:
+                  task_kind: str, group=None, stage_seconds: dict[str, float | None] | None = None,
+                  sft_runs: dict[str, dict] | None = None) -> dict | None:
     """Score every ``(name, model folder)`` row on ``examples``, run the ranking study, write the report.
 
     Returns the results dict that ``train.evaluation.report.write_report`` renders (also saved as ``report.json``).
     Under a launcher (``group``: the job's process group) every process generates a share of each
     row's answers; the main process scores them and writes the report; the others return None.
-    ``stage_seconds``: the earlier stages' wall times, reported beside this one's.
+    ``stage_seconds``: the earlier stages' wall times, reported beside this one's. ``sft_runs``: the SFT
+    stage's summary per method, whose learning rates (and any search behind them) the report lists.
     """
     started = time.perf_counter()
     from selfrank.train import dist
@@ -363,6 +365,8 @@ def evaluate_rows(config: ExperimentConfig, rows: list[tuple[str, Path]], exampl
         else:
             log.warning("eval: PPO log %s not found; no curves for %s", path, name)
 
+    results["sft_learning_rates"] = {method: {"lr": summary.get("lr"), "search": summary.get("lr_search")}
+                                     for method, summary in (sft_runs or {}).items() if summary.get("lr") is not None}
     results["stage_seconds"] = {**{k: v for k, v in (stage_seconds or {}).items() if isinstance(v, (int, float))},
                                 "eval": time.perf_counter() - started}
     write_report(out, results)

@@ -217,6 +217,21 @@ def format_stage_times(results: dict) -> str:
             "stage counts its last run only)")
 
 
+def format_sft_learning_rates(results: dict) -> str:
+    """One line per SFT method: the learning rate it trained at and, after ``sft.lr_search``, every
+    candidate's validation loss."""
+    rates = results.get("sft_learning_rates") or {}
+    lines = []
+    for method, entry in rates.items():
+        line = f"- {ROW_TITLES.get(method, method)}: {entry['lr']:g}"
+        if entry.get("search"):
+            tried = ", ".join(f"{t['lr']:g} -> " + ("diverged" if t.get("validation_loss") is None
+                                                     else f"{t['validation_loss']:.4f}") for t in entry["search"])
+            line += f" (lowest validation loss of {tried})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def format_agreement(agreement: dict | None) -> str:
     """Exact-order match and Kendall tau per scorer, on all answers and on ISODATA representatives."""
     if not agreement or not agreement.get("scorers"):
@@ -386,6 +401,7 @@ def write_report(out_folder: str | Path, results: dict) -> dict[str, Path]:
                         ("Ranking agreement with the reference order (METEOR to the gold answers)",
                          format_agreement(results.get("agreement"))),
                         ("PPO reward and KL", format_curves(curves)),
+                        ("SFT learning rates", format_sft_learning_rates(results)),
                         ("Wall time per stage", format_stage_times(results))):
         if body:
             sections += [f"## {title}", "", body, ""]

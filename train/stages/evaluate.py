@@ -30,7 +30,8 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext) 
                      if run.is_done(stage)}
     results = evaluate_rows(config, eval_rows(config, run), examples, run.stage("eval"),
                             reward_folders=reward_folders, ppo_logs=ppo_logs, task_kind=config.task.kind,
-                            group=ctx.barrier.group, stage_seconds=stage_seconds)
+                            group=ctx.barrier.group, stage_seconds=stage_seconds,
+                            sft_runs=run.summary("sft").get("runs") if run.is_done("sft") else None)
     if results is None:  # another process: the main one scores and reports
         return None
     ctx.hooks.log(eval_metrics(results), 0, "eval")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,7 +32,7 @@ from typing import Callable
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from selfrank.atomic import write_json
+from selfrank.atomic import atomic_folder, write_json
 from selfrank.errors import UserError
 
 from selfrank.train import dist
@@ -61,6 +62,10 @@ log = logging.getLogger(__name__)
 SUMMARY = "train_summary.json"
 CHECKPOINT = "checkpoint"
 ENGINE = "optimizer"  # the DeepSpeed engine's state in a checkpoint (deepspeed/optimizer/)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite (a learning rate too high for the method)."""
 
 
 def is_main_process() -> bool:
@@ -145,13 +150,14 @@ def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method: str, out_folder: Path,
               resume: bool = False, *, stop_after: int | None = None,
-              log_step: Callable[[dict, int], None] | None = None) -> dict:
+              log_step: Callable[[dict, int], None] | None = None, lr: float | None = None) -> dict:
     """Fine-tune ``model`` with ``method`` on ``data.train``; save ``out_folder/model``; return a summary.
 
     Collective under a launcher: every rank calls it with the same arguments (the model on CPU or its
     device; it is placed by ``prepare``). ``stop_after`` ends the loop after that many steps *without* a
     final checkpoint or model, exactly as a killed job would (used to test resume). ``log_step(metrics,
     step)`` receives each step's global loss and learning rate (every rank; the caller decides who logs).
+    ``lr``: the peak learning rate (default: ``sft.method_lr`` or ``sft.lr``).
     """
     out_folder = Path(out_folder)
     summary_path = out_folder / SUMMARY
@@ -160,12 +166,13 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
         log.info("sft %s: already trained (%s)", method, out_folder)
         return json.loads(summary_path.read_text())
     sft = config.sft
+    lr = sft.lr_for(method) if lr is None else lr
     started = time.time()
     module = peft_methods.prepare(model, method, sft)
     trainable = peft_methods.trainable_parameters(module)
     n = len(data.train)
     steps = 0 if method == "none" else total_steps(n, config, baseline=method != sft.method)
-    summary = {"method": method, "steps": steps, "trainable_params": trainable,
+    summary = {"method": method, "steps": steps, "lr": lr, "trainable_params": trainable,
                "total_params": sum(p.numel() for p in module.parameters()), "examples": n}
     if steps == 0:
         acc = dist.get_accelerator()
@@ -183,7 +190,7 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
                         "weights that ZeRO-3 shards); use ZeRO-2 or plain DDP for LoRA")
     features = tokenize_examples(data.train, tokenizer, sft.block_size)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=sft.lr, weight_decay=sft.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=sft.weight_decay)
     # Stepped by hand once per optimizer step (accelerate's scheduler wrapper would step it per process).
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(sft.warmup_ratio * steps), steps)
     meta = {"method": method, "steps": steps, "batch_size": sft.batch_size, "seed": config.seed, "examples": n}
@@ -237,7 +244,9 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
         global_tokens = float(dist.reduce_sum(float(rank_tokens), acc))
         loss = float(dist.reduce_sum(step_loss, acc)) / max(1.0, global_tokens)
         if not math.isfinite(loss):
-            raise RuntimeError(f"sft {method}: non-finite loss at step {step} (lower sft.lr?)")
+            bar.close()
+            end_training(acc)
+            raise NonFiniteLoss(f"sft {method}: non-finite loss at step {step} at learning rate {lr:g} (lower it?)")
         losses.append(loss)
         if log_step is not None:
             log_step({"loss": loss, "lr": lr}, step + 1)
@@ -263,6 +272,106 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
     dist.save_on_main(finish, acc)
     log.info("sft %s: %d steps, loss %.4f -> %.4f, %d trainable params", method, steps,
              summary["loss_first"] or float("nan"), summary["loss_final"] or float("nan"), trainable)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- learning rate
+
+LR_SEARCH = "lr_search"
+
+
+def candidate_folder(out_folder: Path, lr: float) -> Path:
+    """Where ``sft.lr_search`` trains the candidate at ``lr`` (its own model, summary and checkpoint)."""
+    return Path(out_folder) / LR_SEARCH / f"lr={lr:g}"
+
+
+def validation_loss(model, tokenizer, examples, block_size: int, batch_size: int) -> float:
+    """Mean answer-token cross-entropy of ``model`` on ``examples``: the SFT loss, without gradients."""
+    features = tokenize_examples(examples, tokenizer, block_size)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            batch = collate(features[start:start + batch_size], tokenizer.pad_token_id)
+            loss, n = answer_token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+            total += float(loss)
+            count += n
+    return total / max(1, count)
+
+
+def choose_lr(tried: list[dict]) -> dict:
+    """The candidate with the lowest validation loss (the first listed among equals); diverged ones lose."""
+    finite = [t for t in tried if t.get("validation_loss") is not None]
+    if not finite:
+        rates = ", ".join(f"{t['lr']:g}" for t in tried)
+        raise UserError(f"sft.lr_search: every learning rate ({rates}) gave a non-finite training loss; "
+                        "try smaller ones")
+    return min(finite, key=lambda t: t["validation_loss"])
+
+
+def train_with_lr_search(config: ExperimentConfig, data: TaskData, original: Path, method: str, out_folder: Path,
+                         resume: bool = False, *, log_step: Callable[[dict, int], None] | None = None) -> dict:
+    """Train ``method`` from ``original`` once per rate ``sft.lr_search`` gives it; keep the lowest
+    validation loss.
+
+    Each candidate is an ordinary resumable SFT run in ``candidate_folder``; its validation loss (the
+    task's validation split, as formatted for the model) joins its summary, so a resumed search skips the
+    candidates it has scored. The winner's model is copied to ``out_folder/model`` and the summary lists
+    every candidate; the losers' models are then removed (their summaries stay). Collective."""
+    out_folder = Path(out_folder)
+    summary_path = out_folder / SUMMARY
+    if resume and summary_path.is_file() and (out_folder / "model").is_dir():
+        log.info("sft %s: already trained (%s)", method, out_folder)
+        return json.loads(summary_path.read_text())
+    if not data.validation:
+        raise UserError("sft.lr_search: the task has no validation examples to choose a learning rate on "
+                        "(set task.validation, or give sft.lr / sft.method_lr instead)")
+    acc = dist.get_accelerator()
+    tried = []
+    for lr in config.sft.candidates_for(method):
+        folder = candidate_folder(out_folder, lr)
+        known = folder / SUMMARY
+        result = json.loads(known.read_text()) if resume and known.is_file() else None
+        if result is None or not (result.get("diverged") or "validation_loss" in result):
+            model, tokenizer = load_model(original, config.model)
+            try:
+                # Each candidate logs its own curve: [<method>/]lr=<rate>/loss.
+                hook = None if log_step is None else (
+                    lambda metrics, step, lr=lr: log_step({f"lr={lr:g}/{k}": v for k, v in metrics.items()}, step))
+                result = train_sft(config, data, model, tokenizer, method, folder, resume, log_step=hook, lr=lr)
+            except NonFiniteLoss as exc:
+                log.warning("%s", exc)
+                result = {"method": method, "lr": lr, "diverged": True, "validation_loss": None}
+            del model
+            if not result.get("diverged"):
+                trained, tokenizer = load_model(folder / "model", config.model)
+                examples = format_task(data, tokenizer, config).validation
+                result["validation_loss"] = validation_loss(trained.to(acc.device), tokenizer, examples,
+                                                            config.sft.block_size, config.sft.batch_size)
+                del trained
+            dist.save_on_main(lambda result=result, known=known: write_json(known, result), acc)
+        tried.append(result)
+        log.info("sft %s: learning rate %g, validation loss %s", method, lr,
+                 "diverged" if result.get("diverged") else f"{result['validation_loss']:.4f}")
+    best = choose_lr(tried)
+    seconds = round(sum(t.get("seconds") or 0.0 for t in tried), 3)
+    summary = {**best, "seconds": seconds, **stage_cost(seconds, acc.num_processes),
+               "validation_examples": len(data.validation),
+               "lr_search": [{"lr": t["lr"], "validation_loss": t.get("validation_loss"),
+                              "loss_final": t.get("loss_final"), "seconds": t.get("seconds")} for t in tried]}
+    summary.pop("loss_curve", None)
+
+    def finish() -> None:
+        with atomic_folder(out_folder / "model") as tmp:
+            shutil.copytree(candidate_folder(out_folder, best["lr"]) / "model", tmp, dirs_exist_ok=True)
+        write_json(summary_path, summary)
+        for t in tried:
+            shutil.rmtree(candidate_folder(out_folder, t["lr"]) / "model", ignore_errors=True)
+
+    dist.save_on_main(finish, acc)
+    log.info("sft %s: learning rate %g chosen on %d validation examples (loss %.4f)", method, best["lr"],
+             len(data.validation), best["validation_loss"])
     return summary
 
 
@@ -323,10 +432,13 @@ def run(config: ExperimentConfig, run: RunDir, resume: bool, ctx: StageContext |
     jobs += [(b, stage / "baselines" / b) for b in dict.fromkeys(config.sft.baselines) if b != config.sft.method]
     results = {}
     for method, out in jobs:
-        model, tokenizer = load_model(original, config.model)
         prefix = "" if method == config.sft.method else f"{method}/"
         hook = None if log_step is None else (
             lambda metrics, step, prefix=prefix: log_step({prefix + k: v for k, v in metrics.items()}, step))
+        if config.sft.candidates_for(method) and method != "none":
+            results[method] = train_with_lr_search(config, data, original, method, out, resume, log_step=hook)
+            continue
+        model, tokenizer = load_model(original, config.model)
         results[method] = train_sft(config, data, model, tokenizer, method, out, resume, log_step=hook)
         del model
     return {"method": config.sft.method, "model": "sft/model", "original": "sft/original",
