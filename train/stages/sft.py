@@ -148,6 +148,15 @@ def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 # ----------------------------------------------------------------------------------------------- training
 
+def _finished(out_folder: Path, method: str) -> dict | None:
+    """The summary of a training that already wrote its model to ``out_folder``, else None."""
+    summary_path = out_folder / SUMMARY
+    if summary_path.is_file() and (out_folder / "model").is_dir():
+        log.info("sft %s: already trained (%s)", method, out_folder)
+        return json.loads(summary_path.read_text())
+    return None
+
+
 def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method: str, out_folder: Path,
               resume: bool = False, *, stop_after: int | None = None,
               log_step: Callable[[dict, int], None] | None = None, lr: float | None = None) -> dict:
@@ -162,9 +171,9 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
     out_folder = Path(out_folder)
     summary_path = out_folder / SUMMARY
     data = format_task(data, tokenizer, config)  # chat policies read chat prompts
-    if resume and summary_path.is_file() and (out_folder / "model").is_dir():
-        log.info("sft %s: already trained (%s)", method, out_folder)
-        return json.loads(summary_path.read_text())
+    finished = _finished(out_folder, method) if resume else None
+    if finished is not None:
+        return finished
     sft = config.sft
     lr = sft.lr_for(method) if lr is None else lr
     started = time.time()
@@ -321,9 +330,9 @@ def train_with_lr_search(config: ExperimentConfig, data: TaskData, original: Pat
     every candidate; the losers' models are then removed (their summaries stay). Collective."""
     out_folder = Path(out_folder)
     summary_path = out_folder / SUMMARY
-    if resume and summary_path.is_file() and (out_folder / "model").is_dir():
-        log.info("sft %s: already trained (%s)", method, out_folder)
-        return json.loads(summary_path.read_text())
+    finished = _finished(out_folder, method) if resume else None
+    if finished is not None:
+        return finished
     if not data.validation:
         raise UserError("sft.lr_search: the task has no validation examples to choose a learning rate on "
                         "(set task.validation, or give sft.lr / sft.method_lr instead)")
