@@ -38,3 +38,14 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with end-to-end (``slow``) tests first, the rest after them in their usual order.
+
+    ``make test`` runs files on two workers (pytest-xdist, one file per worker at a time): the long files
+    started first leave the many short ones to even out the workers' ends, instead of one long file
+    starting last while the other worker has nothing left. Deterministic, as every worker must collect
+    the same order."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: file and test order kept within each group

@@ -33,7 +33,7 @@ def test_a_users_own_train_module_does_not_shadow_ours(tmp_path):
     (tmp_path / "train.py").write_text("raise SystemExit('the user train.py was imported')\n")
     (tmp_path / "launch.py").write_text("raise SystemExit('the user launch.py was imported')\n")
     done = subprocess.run([sys.executable, "-c", "import selfrank.train.pipeline, selfrank.launch.cli; print('ok')"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
@@ -57,7 +57,7 @@ def test_dependencies_are_ranges_that_hold_the_pinned_versions():
         requirement = Requirement(text)
         assert not any(spec.operator == "==" for spec in requirement.specifier), f"{text}: an exact pin"
         assert any(spec.operator in ("<", "<=", "~=") for spec in requirement.specifier) or \
-            requirement.name in ("pytest", "pytest-timeout"), f"{text}: no upper bound"
+            requirement.name in ("pytest", "pytest-timeout", "pytest-xdist"), f"{text}: no upper bound"
         pin = pins.get(requirement.name.lower())
         if pin is not None:
             assert requirement.specifier.contains(pin), f"{text} excludes the tested {requirement.name}=={pin}"

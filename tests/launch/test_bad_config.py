@@ -134,7 +134,7 @@ def test_real_process_exit_code_and_single_line(tmp_path):
     path.write_text("ppo: {stepz: 3}\n")
     exe = Path(sys.executable).with_name("selfrank")
     proc = subprocess.run([str(exe), "run", str(path)], capture_output=True, text=True, cwd=tmp_path,
-                          env=dict(os.environ), timeout=120)
+                          env=dict(os.environ), timeout=600)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "did you mean 'steps'" in proc.stderr
     assert "Traceback" not in proc.stderr

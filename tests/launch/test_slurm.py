@@ -213,7 +213,7 @@ def test_supervise_waits_for_orphaned_trainers(tmp_path):
     # As the job script runs it, in a process of its own (a subreaper waits for all its descendants:
     # inside pytest that would include every helper process earlier tests left running).
     done = subprocess.run([sys.executable, "-m", "selfrank.launch.slurm", "supervise", sys.executable, str(launcher)],
-                          cwd=REPO, timeout=120)
+                          cwd=REPO, timeout=600)
     assert done.returncode == 3
     assert marker.read_text() == "ok" and time.monotonic() - start >= 1.0
 

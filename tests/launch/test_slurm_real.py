@@ -46,7 +46,7 @@ def test_rank_job_runs_to_completion(cluster, tmp_path):
                              "--embedder", "lexical"])
 
     job = cluster.submit(script)
-    info = cluster.wait_job(job, timeout=90)
+    info = cluster.wait_job(job, timeout=600)
     logs = "\n".join(p.read_text() for p in sorted((tmp_path / "run").glob("slurm-*")))
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs + cluster.logs()
     rows = [json.loads(line) for line in target.read_text().splitlines()]
@@ -87,7 +87,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path):
     done = cluster._run("scancel", "--signal=USR1", "--batch", job)
     assert done.returncode == 0, done.stderr
 
-    info = cluster.wait_job(job, timeout=90, states={"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    info = cluster.wait_job(job, timeout=600, states={"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     logs = "\n".join(p.read_text() for p in sorted((tmp_path / "run").glob("slurm-*")))
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs
     assert info["Restarts"] == "1", info
@@ -112,7 +112,7 @@ def test_cluster_options_are_accepted_and_applied_by_slurm(cluster, tmp_path):
                   constraint=f"{first}&{second}", sbatch_lines=["--comment=selfrank-check"],
                   setup_lines=["export SELFRANK_SETUP=ran"], wrap="env SELFRANK_WRAPPED=yes")
     job = cluster.submit(script)
-    info = cluster.wait_job(job, timeout=90)
+    info = cluster.wait_job(job, timeout=600)
     logs = "\n".join(p.read_text() for p in sorted((tmp_path / "run").glob("slurm-*")))
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs + cluster.logs()
     assert info["Account"] == "selfrank-acct"
@@ -151,7 +151,7 @@ def test_a_selfrank_job_gets_its_overrides(cluster, tmp_path, monkeypatch):
     assert main(["slurm", str(config), "--cpu", "--stage", "sft", "--time", "00:10:00",
                  "--set", "sft.max_steps=2", "--set", f"task.unanswerable_target={note}"]) == 0
     job = cluster.submit(tmp_path / "runs" / "slurmjob" / "job.sbatch")
-    info = cluster.wait_job(job, timeout=300)
+    info = cluster.wait_job(job, timeout=600)
     run_dir = tmp_path / "runs" / "slurmjob"
     logs = "\n".join(p.read_text() for p in sorted(run_dir.glob("slurm-*")))
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs[-4000:] + cluster.logs()

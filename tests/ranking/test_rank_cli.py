@@ -98,7 +98,7 @@ def test_real_subprocess(repo_root, good_input, tmp_path):
     exe = repo_root / ".venv" / "bin" / "selfrank"
     out = tmp_path / "out.jsonl"
     done = subprocess.run([str(exe), "rank", "--input", str(good_input), "--output", str(out), "--embedder", "lexical"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert [r["id"] for r in read_rows(out)] == ["first", "3", "12"]
 
@@ -106,7 +106,7 @@ def test_real_subprocess(repo_root, good_input, tmp_path):
     write_lines(bad, [json.dumps(ROWS[0]), '{"prompt": "p", "responses": [1]}'])
     out_bad = tmp_path / "never.jsonl"
     done = subprocess.run([str(exe), "rank", "--input", str(bad), "--output", str(out_bad)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("selfrank: error: ") and f"{bad}:2:" in lines[0]

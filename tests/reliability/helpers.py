@@ -59,12 +59,12 @@ def start(args: list[str], cwd: Path, log: Path, preexec_fn=None, program: list[
                             preexec_fn=preexec_fn)
 
 
-def run(args: list[str], cwd: Path, timeout: float = 300, preexec_fn=None, **extra_env) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path, timeout: float = 600, preexec_fn=None, **extra_env) -> subprocess.CompletedProcess:
     return subprocess.run(SELFRANK + args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=env(**extra_env), preexec_fn=preexec_fn)
 
 
-def wait_for(predicate, process: subprocess.Popen | None = None, timeout: float = 120.0, poll: float = 0.005) -> bool:
+def wait_for(predicate, process: subprocess.Popen | None = None, timeout: float = 600.0, poll: float = 0.005) -> bool:
     """Poll until ``predicate()``; False when ``process`` exited first."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -77,7 +77,7 @@ def wait_for(predicate, process: subprocess.Popen | None = None, timeout: float 
 
 def kill(process: subprocess.Popen, signum: int = signal.SIGKILL) -> int:
     process.send_signal(signum)
-    return process.wait(timeout=120)
+    return process.wait(timeout=600)
 
 
 def error_lines(stderr: str) -> list[str]:

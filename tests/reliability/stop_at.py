@@ -66,7 +66,7 @@ def is_stopped(pid: int) -> bool:
         return False
 
 
-def signal_when_stopped(process, signum: int, timeout: float = 120.0) -> int:
+def signal_when_stopped(process, signum: int, timeout: float = 600.0) -> int:
     """Once ``process`` has stopped itself, send it ``signum`` and let it go on; its exit code.
     A stop request (SIGTERM) thus arrives at a known point of its progress."""
     from tests.reliability.helpers import wait_for

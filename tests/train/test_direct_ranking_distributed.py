@@ -32,9 +32,9 @@ def runs(tmp_path_factory) -> dict:
     procs = {"single": start(*command("single", world, root / "single", DIRECT), root / "single.log")[0],
              "ddp": start(*command("ddp", world, root / "ddp", {**DIRECT, "steps": 2}), root / "ddp.log")[0]}
     for name, proc in procs.items():
-        finish(proc, root / f"{name}.log", 300)
+        finish(proc, root / f"{name}.log", 600)
     resume = start(*command("ddp", world, root / "ddp", DIRECT, "--resume"), root / "ddp_resume.log")[0]
-    finish(resume, root / "ddp_resume.log", 300)
+    finish(resume, root / "ddp_resume.log", 600)
     return {"single": root / "single", "ddp": root / "ddp"}
 
 

@@ -105,7 +105,7 @@ def runs(tmp_path_factory) -> dict:
     ddp, _ = start(*launch_cmd("ddp", root / "ddp", "--grad-accum", "2"), root / "ddp.log")
     zero3, _ = start(*launch_cmd("zero3", root / "zero3", ds_config=ds_config), root / "zero3.log")
     for proc, name in ((single, "single"), (ddp, "ddp"), (zero3, "zero3")):
-        finish(proc, root / f"{name}.log", 300)
+        finish(proc, root / f"{name}.log", 600)
     return {name: (root / name, *read(root / name)) for name in ("single", "ddp", "zero3")}
 
 
@@ -195,8 +195,8 @@ def test_dead_or_stalled_rank_fails_the_job_instead_of_hanging(tmp_path):
     stall_env[dist.TIMEOUT_ENV] = "8"
     killed, _ = start(kill_cmd, kill_env, tmp_path / "kill.log")
     stalled, _ = start(stall_cmd, stall_env, tmp_path / "stall.log")
-    rc_kill, _, text_kill = finish(killed, tmp_path / "kill.log", 150, expect_ok=False)
-    rc_stall, _, text_stall = finish(stalled, tmp_path / "stall.log", 150, expect_ok=False)
+    rc_kill, _, text_kill = finish(killed, tmp_path / "kill.log", 400, expect_ok=False)
+    rc_stall, _, text_stall = finish(stalled, tmp_path / "stall.log", 400, expect_ok=False)
     assert rc_kill != 0 and not (tmp_path / "kill" / "result.json").exists(), text_kill[-2000:]
     assert rc_stall != 0 and not (tmp_path / "stall" / "result.json").exists(), text_stall[-2000:]
     # gloo reports the configured timeout: the environment variable reached the process group.

@@ -68,7 +68,7 @@ def test_meteor_fails_loudly_without_wordnet(tmp_path):
             "nltk.data.path[:] = [sys.argv[1]]\n"
             "from selfrank.train.evaluation.metrics import meteor\n"
             "print(meteor('a dog barked', ['the hound barked']))\n")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert done.returncode != 0
     assert "UserError" in done.stderr and "METEOR needs WordNet" in done.stderr
@@ -83,7 +83,7 @@ def test_meteor_finds_wordnet_inside_the_environment_with_no_variable_set(tmp_pa
             "import nltk, sys\n"
             "print(meteor('a dog barked', ['the hound barked']), wordnet_home() in nltk.data.path)\n")
     env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     score, searched = done.stdout.split()

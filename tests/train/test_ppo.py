@@ -354,7 +354,7 @@ def _lexical_pool():
     config = RankingConfig()
     config.embedder.name = "lexical"
     pool = RankingPool(config, workers=1)
-    pool.wait_ready(timeout=120)
+    pool.wait_ready(timeout=600)
     return pool
 
 
@@ -369,7 +369,7 @@ def test_online_refresh_trains_the_rm_on_fresh_ranked_pairs_only(world):
     try:
         pool.submit("old", PROMPTS[0], answers, policy_version=1)
         pool.submit("new", PROMPTS[1], answers, policy_version=5)
-        results = pool.drain(timeout=120)
+        results = pool.drain(timeout=600)
     finally:
         pool.close()
     assert {r.id for r in results} == {"old", "new"} and all(r.ok for r in results)

@@ -86,12 +86,12 @@ def runs(tmp_path_factory) -> dict:
     procs |= {name: start(*command(kind, llama, root / name, ppo), root / f"{name.replace('/', '_')}.log")[0]
               for name, (kind, ppo) in llama_jobs.items()}
     for name, proc in procs.items():
-        finish(proc, root / f"{name.replace('/', '_')}.log", 300)
+        finish(proc, root / f"{name.replace('/', '_')}.log", 600)
     # Each cut run resumes its step-2 checkpoint on 2 processes and does step 3.
     resumes = {name: start(*command(jobs[name][0], world, root / name, jobs[name][1], "--resume"),
                            root / f"{name}_resume.log")[0] for name in cut}
     for name, proc in resumes.items():
-        finish(proc, root / f"{name}_resume.log", 300)
+        finish(proc, root / f"{name}_resume.log", 600)
     return {name: root / name for name in [*jobs, *llama_jobs]} | {"world": world}
 
 

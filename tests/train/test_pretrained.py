@@ -52,7 +52,7 @@ def conversion(tmp_path_factory, real_gguf) -> dict:
         return sorted(p.name for p in models.glob(f".{NAME}.selfrank.tmp-*")) if models.is_dir() else []
 
     killed = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    started = wait_for(lambda: bool(leftovers()), killed, timeout=300)
+    started = wait_for(lambda: bool(leftovers()), killed, timeout=600)
     kill(killed)
     seen = {"killed_mid_conversion": started, "after_kill": leftovers(), "target_after_kill": target.exists()}
 
@@ -232,7 +232,7 @@ def test_unwritable_cache_is_one_user_error(tmp_path, monkeypatch):
 def test_command_line_reports_a_user_error_in_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), **{CACHE_ENV: str(tmp_path)})
     proc = subprocess.run([sys.executable, "-m", "selfrank.train.models.pretrained", "no-such-model"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "no-such-model" in proc.stderr and NAME in proc.stderr
     assert proc.stdout == ""

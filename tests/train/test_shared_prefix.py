@@ -210,9 +210,9 @@ def test_synced_processes_run_the_same_number_of_forwards():
     procs = [ctx.Process(target=_synced_worker, args=(rank, 2, port, queue)) for rank in range(2)]
     for p in procs:
         p.start()
-    results = dict((r[0], r[1:]) for r in (queue.get(timeout=120) for _ in procs))
+    results = dict((r[0], r[1:]) for r in (queue.get(timeout=600) for _ in procs))
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=120)
         assert p.exitcode == 0
     (forwards0, ids0, alone0, empty0, rows0), (forwards1, ids1, alone1, empty1, rows1) = results[0], results[1]
     assert rows0 == 0 and rows1 == K and empty0 == empty1 > 1

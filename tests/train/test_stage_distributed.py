@@ -67,11 +67,11 @@ def runs(tmp_path_factory) -> dict:
         "zero3": start(*zero3("--stop-sft", "3", "--stop-reward", "4"), root / "zero3_stopped.log"),
     }
     for name, (proc, _) in procs.items():
-        finish(proc, root / ("zero3_stopped.log" if name == "zero3" else f"{name}.log"), 300)
+        finish(proc, root / ("zero3_stopped.log" if name == "zero3" else f"{name}.log"), 600)
     stopped = json.loads((root / "zero3" / "stopped.json").read_text())
     checkpoints = {stage: json.loads((root / "zero3" / stage / "checkpoint" / "state.json").read_text())["step"]
                    for stage in ("sft", "rm")}
-    finish(start(*zero3("--resume"), root / "zero3.log")[0], root / "zero3.log", 300)
+    finish(start(*zero3("--resume"), root / "zero3.log")[0], root / "zero3.log", 600)
     runs = {name: (root / name, json.loads((root / name / "result.json").read_text())) for name in procs}
     return runs | {"zero3_stopped": (stopped, checkpoints)}
 
@@ -173,7 +173,7 @@ def test_selfrank_run_under_accelerate_with_two_processes_and_wandb(tmp_path):
                WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
     env.pop("RANK", None)
     proc, _ = start(cmd, env, tmp_path / "run.log")
-    _, seconds, text = finish(proc, tmp_path / "run.log", 240)
+    _, seconds, text = finish(proc, tmp_path / "run.log", 600)
 
     run_dir = tmp_path / "runs" / "dist-pipe"
     for stage in ("sft", "sample", "reward", "ppo", "eval"):

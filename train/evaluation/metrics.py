@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import gc
 import re
 import string
 import warnings
@@ -106,6 +107,12 @@ def require_wordnet():
             reader = EnglishWordNet(root, None)
         if not reader.synsets("dog"):
             raise LookupError("WordNet loaded but has no synsets for 'dog'")
+        # WordNet's ~450,000 objects live as long as the process. Frozen, they are left out of every later
+        # garbage collection (one per evaluated model, one per stage's end in accelerate), each of which
+        # would otherwise walk them again (measured 0.27 s a collection). Collected first, so nothing that is
+        # garbage now is kept; objects alive now are still freed when their last reference goes.
+        gc.collect()
+        gc.freeze()
     except (LookupError, OSError) as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if re.search(r"[A-Za-z]", ln)]
         first = lines[0] if lines else type(exc).__name__

@@ -21,6 +21,7 @@ Folder layout (``out`` = ``sft/`` for the main method, ``sft/baselines/<method>/
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -337,7 +338,7 @@ def train_with_lr_search(config: ExperimentConfig, data: TaskData, original: Pat
         raise UserError("sft.lr_search: the task has no validation examples to choose a learning rate on "
                         "(set task.validation, or give sft.lr / sft.method_lr instead)")
     acc = dist.get_accelerator()
-    tried = []
+    tried, examples = [], None
     for lr in config.sft.candidates_for(method):
         folder = candidate_folder(out_folder, lr)
         known = folder / SUMMARY
@@ -355,7 +356,8 @@ def train_with_lr_search(config: ExperimentConfig, data: TaskData, original: Pat
             del model
             if not result.get("diverged"):
                 trained, tokenizer = load_model(folder / "model", config.model)
-                examples = format_task(data, tokenizer, config).validation
+                if examples is None:  # every candidate shares the original's tokenizer: formatted once
+                    examples = format_task(dataclasses.replace(data, train=[], test=[]), tokenizer, config).validation
                 result["validation_loss"] = validation_loss(trained.to(acc.device), tokenizer, examples,
                                                             config.sft.block_size, config.sft.batch_size)
                 del trained
