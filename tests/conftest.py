@@ -43,9 +43,9 @@ def repo_root() -> Path:
 def pytest_collection_modifyitems(config, items):
     """Files with end-to-end (``slow``) tests first, the rest after them in their usual order.
 
-    ``make test`` runs files on two workers (pytest-xdist, one file per worker at a time): the long files
-    started first leave the many short ones to even out the workers' ends, instead of one long file
-    starting last while the other worker has nothing left. Deterministic, as every worker must collect
-    the same order."""
+    ``make test`` runs files on one worker per core (pytest-xdist, one file per worker at a time): the long
+    files started first leave the many short ones to even out the workers' ends, instead of one long file
+    starting last while the others have nothing left (measured on 2 cores: 18.8 min in xdist's own order,
+    15.8 min long files first). Deterministic, as every worker must collect the same order."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: file and test order kept within each group
