@@ -13,7 +13,7 @@ PRETRAINED_STAMP := $(VENV)/.selfrank-pretrained
 # WordNet (for METEOR) goes where NLTK always looks, inside the environment: every command finds it with
 # no variable set, from any directory (see launch/setup_wordnet.py).
 WORDNET := $(VENV)/share/nltk_data/corpora/wordnet/lexnames
-# Two or more workers (one per core, at most 4), each running whole test files: a file's module fixtures
+# One worker per core (at most 4), each running whole test files: a file's module fixtures
 # are built once, and the long files go first (tests/conftest.py). PYTEST_ARGS= runs them in one process.
 PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 

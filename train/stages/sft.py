@@ -171,10 +171,10 @@ def train_sft(config: ExperimentConfig, data: TaskData, model, tokenizer, method
     """
     out_folder = Path(out_folder)
     summary_path = out_folder / SUMMARY
-    data = format_task(data, tokenizer, config)  # chat policies read chat prompts
     finished = _finished(out_folder, method) if resume else None
     if finished is not None:
         return finished
+    data = format_task(data, tokenizer, config)  # chat policies read chat prompts
     sft = config.sft
     lr = sft.lr_for(method) if lr is None else lr
     started = time.time()
